@@ -1,0 +1,81 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+Each `*_with_report` function returns (new model, Report); the netopt-named functions return the
+model alone. The input model is never modified.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from . import linalg
+from .passes import Progress, apply_rules
+from .passes.factor import RULES as FACTOR_RULES
+from .passes.factor import FactorOptions
+from .report import Report
+from .select import Selection
+
+
+def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None = None, energy: float | None = None,
+                       rank_for: Iterable[tuple[str, str | float | int]] = (), only: Iterable[str] = (),
+                       skip: Iterable[str] = (), projection_function: Callable | None = None,
+                       filter_function: Callable | None = None, factor_function: Callable | None = None,
+                       whitening: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
+                       seed: int = 0) -> tuple[onnx.ModelProto, Report]:
+    """Replace Gemm / MatMul(X, const W) by two MatMuls of rank k. See `onnxopt factor --help`."""
+    opts = FactorOptions(
+        rank=linalg.RankSpec.parse(rank) if rank is not None else None,
+        energy=linalg.parse_energy(energy) if energy is not None else None,
+        rank_for=[(p, linalg.RankSpec.parse(r)) for p, r in rank_for],
+        projection_function=projection_function, factor_function=factor_function, whitening=whitening, seed=seed)
+    if opts.rank is None and opts.energy is None and opts.projection_function is None and not opts.rank_for:
+        opts.rank = linalg.RankSpec(fraction=0.5)
+    selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
+    return apply_rules(model, FACTOR_RULES, selection, command="factor", options=opts, progress=progress)
+
+
+def factor_dense(model: onnx.ModelProto, projection_function: Callable | None = None,
+                 filter_function: Callable | None = None, factor_function: Callable | None = None,
+                 **options) -> onnx.ModelProto:
+    """netopt's factor_dense: the factored model (default rank: half of min(m, n))."""
+    return factor_with_report(model, projection_function=projection_function, filter_function=filter_function,
+                              factor_function=factor_function, **options)[0]
+
+
+def inspect(model: onnx.ModelProto) -> list[dict]:
+    """Every Gemm / MatMul / Conv with its weight shape, params, FLOPs per sample, and each pass's verdict."""
+    from .passes import GraphContext
+    from .passes.binarize import RULES as BINARIZE_RULES
+
+    ctx = GraphContext.build(model)
+    passes = {"factor": FACTOR_RULES, "binarize": BINARIZE_RULES}
+    rows = []
+    for node in model.graph.node:
+        key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+        if key not in {("", "Gemm"), ("", "MatMul"), ("", "Conv")}:
+            continue
+        w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        row = {"name": ctx.name_of(node), "op_type": node.op_type,
+               "weight_shape": "x".join(map(str, w.shape)) if w is not None else "not constant",
+               "params": int(w.size) if w is not None else 0, "flops": _flops(node, w, ctx)}
+        for pass_name, rules in passes.items():
+            rule = rules.get(key)
+            reason = rule.check(node, ctx) if rule else "not handled by this pass"
+            row[pass_name] = "yes" if reason is None else f"no: {reason}"
+        rows.append(row)
+    return rows
+
+
+def _flops(node, w, ctx) -> int:
+    """Multiply-adds x2 per sample (symbolic dims count as 1)."""
+    if w is None:
+        return 0
+    if node.op_type == "Conv":
+        out = ctx.shape(node.output[0])
+        spatial = [d if isinstance(d, int) else 1 for d in (out or [])[2:]]
+        return int(2 * w.size * (np.prod(spatial) if spatial else 1))
+    shape = ctx.shape(node.input[0]) or []
+    rows = np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]) if node.op_type == "MatMul" else 1
+    return int(2 * w.size * rows)

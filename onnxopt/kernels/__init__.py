@@ -1,0 +1,1 @@
+"""Compute kernels, apart from graph code: numba bit-packed convolution and numpy references."""

@@ -1,0 +1,139 @@
+"""Low-rank factorization: W (m×n) ≈ U (m×k) · V (k×n), and the rank policies.
+
+Truncated SVD from LAPACK (gesdd) when k is a large part of min(m, n); for a small k on a large
+matrix a randomized range finder (Halko, Martinsson, Tropp 2011, two power iterations) gets the
+same leading subspace in a fraction of the time. Singular values are split evenly:
+U = U_k·√Σ_k, V = √Σ_k·V_kᵀ, so neither factor carries all the scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+RANDOMIZED_MIN_DIM = 256  # below this LAPACK is fast anyway
+RANDOMIZED_MAX_SHARE = 0.25  # randomized only when k ≤ 25% of min(m, n)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """A rank given as a fraction of min(m, n) (`0.6`) or as an integer (`32`)."""
+
+    fraction: float | None = None
+    integer: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | float | int) -> "RankSpec":
+        if isinstance(text, bool):
+            raise UsageError(f"invalid rank {text!r}")
+        if isinstance(text, int):
+            text = str(text)
+        elif isinstance(text, float):
+            text = repr(text)
+        s = str(text).strip()
+        try:
+            if any(ch in s for ch in ".eE"):
+                f = float(s)
+                if not (0.0 < f <= 1.0):
+                    raise ValueError
+                return cls(fraction=f)
+            i = int(s)
+            if i < 1:
+                raise ValueError
+            return cls(integer=i)
+        except ValueError:
+            raise UsageError(f"invalid rank '{s}': give a fraction in (0, 1] like 0.6 or an integer >= 1 like 32") from None
+
+    def resolve(self, m: int, n: int) -> int:
+        full = min(m, n)
+        if self.fraction is not None:
+            return max(1, min(full, round(self.fraction * full)))
+        return min(full, self.integer)
+
+
+def parse_energy(value: float) -> float:
+    if not (0.0 < value <= 1.0):
+        raise UsageError(f"invalid energy {value}: give a share of the squared singular values in (0, 1]")
+    return value
+
+
+def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
+    """Smallest k whose leading σ² keep at least `energy` of Σσ²."""
+    power = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
+    if power[-1] == 0:
+        return 1
+    return int(np.searchsorted(power / power[-1], energy - 1e-12) + 1)
+
+
+def singular_values(w: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+
+
+@dataclass
+class Factors:
+    u: np.ndarray  # m×k
+    v: np.ndarray  # k×n
+    error: float  # relative Frobenius error ‖W − UV‖ / ‖W‖
+    method: str
+
+
+def low_rank(w: np.ndarray, k: int, *, seed: int = 0) -> Factors:
+    """Best rank-k factors of w (exact truncated SVD, or randomized when k is small against w)."""
+    m, n = w.shape
+    k = max(1, min(k, m, n))
+    if min(m, n) >= RANDOMIZED_MIN_DIM and k <= RANDOMIZED_MAX_SHARE * min(m, n):
+        u, s, vt, kept_power = _randomized_svd(w, k, seed=seed)
+        method = "randomized"
+    else:
+        u, s_all, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+        u, s, vt = u[:, :k], s_all[:k], vt[:k]
+        kept_power = float(np.sum(s**2))
+        method = "svd"
+    total = float(np.sum(np.asarray(w, np.float64) ** 2))
+    # ‖W − Q·B_k‖² = ‖W‖² − Σ_kept σ² for both methods (orthogonal projections), no m×n product needed
+    error = float(np.sqrt(max(total - kept_power, 0.0) / total)) if total > 0 else 0.0
+    root = np.sqrt(s)
+    return Factors(u=u * root, v=root[:, None] * vt, error=error, method=method)
+
+
+def _randomized_svd(w, k, *, oversample=10, power_iters=2, seed=0):
+    # float32 products halve the time of the m×n passes; the small l×n SVD is done in float64
+    a = np.asarray(w, np.float32)
+    m, n = a.shape
+    l = min(k + oversample, m, n)
+    omega = np.random.default_rng(seed).standard_normal((n, l), dtype=np.float32)
+    q, _ = np.linalg.qr(a @ omega)
+    for _ in range(power_iters):
+        z, _ = np.linalg.qr(a.T @ q)
+        q, _ = np.linalg.qr(a @ z)
+    b = (q.T @ a).astype(np.float64)
+    ub, s, vt = np.linalg.svd(b, full_matrices=False)
+    u = q.astype(np.float64) @ ub[:, :k]
+    return u, s[:k], vt[:k], float(np.sum(s[:k] ** 2))
+
+
+def relative_error(w: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
+    w = np.asarray(w, np.float64)
+    norm = np.linalg.norm(w)
+    return float(np.linalg.norm(w - u.astype(np.float64) @ v.astype(np.float64)) / norm) if norm else 0.0
+
+
+def whitened_low_rank(w: np.ndarray, k: int, gram: np.ndarray) -> Factors:
+    """Rank-k factors minimizing ‖X·W − X·U·V‖F for inputs X with Gram matrix G = XᵀX (SVD-LLM).
+
+    With G = L·Lᵀ (Cholesky), ‖X·A‖F = ‖Lᵀ·A‖F, so the best U·V is L⁻ᵀ times the truncated SVD of
+    Lᵀ·W. A small ridge keeps L invertible when some inputs never vary (dead ReLUs, constant pixels).
+    The error reported is the relative output error on the calibration inputs.
+    """
+    g = np.asarray(gram, np.float64)
+    ridge = 1e-6 * max(float(np.trace(g)) / len(g), 1e-12)
+    lower = np.linalg.cholesky(g + ridge * np.eye(len(g)))
+    target = lower.T @ np.asarray(w, np.float64)
+    p, s, qt = np.linalg.svd(target, full_matrices=False)
+    root = np.sqrt(s[:k])
+    u = np.linalg.solve(lower.T, p[:, :k] * root)
+    total = float(np.sum(s**2))
+    error = float(np.sqrt(max(total - float(np.sum(s[:k] ** 2)), 0.0) / total)) if total > 0 else 0.0
+    return Factors(u=u, v=root[:, None] * qt[:k], error=error, method="whitened svd")

@@ -1,0 +1,189 @@
+"""factor: Gemm, and MatMul with a constant 2-D weight, → two MatMuls of rank k.
+
+Gemm computes Y = α·A'·B' + β·C (A' = Aᵀ if transA, B' = Bᵀ if transB). With W = α·B' (m×n)
+and W ≈ U·V (U m×k, V k×n): Y ≈ (A'·U)·V + β·C, costing k(m+n) instead of m·n multiply-adds
+per row. MatMul X·W is the same without α, β, C. A layer where k(m+n) ≥ m·n is left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import linalg
+from ..errors import OnnxoptError
+from ..report import LayerReport
+from ..select import matches
+from . import Declined, GraphContext, Rewrite
+
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclass
+class FactorOptions:
+    rank: linalg.RankSpec | None = None
+    energy: float | None = None
+    rank_for: list[tuple[str, linalg.RankSpec]] = field(default_factory=list)
+    projection_function: Callable[[np.ndarray], int] | None = None  # W → k
+    factor_function: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None  # (W, k) → (U, V)
+    whitening: dict[str, np.ndarray] | None = None  # node name → Gram matrix XᵀX of its input (calibration)
+    seed: int = 0
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _rows(ctx: GraphContext, tensor: str) -> int:
+    """Rows a MatMul pushes through its weight per sample: the input's dims between batch and last."""
+    shape = ctx.shape(tensor)
+    if not shape or len(shape) < 3:
+        return 1
+    return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]))
+
+
+class _DenseRule:
+    """What Gemm and MatMul share: the weight, the rank choice, and the two-MatMul replacement."""
+
+    weight_input = 1
+
+    def weight(self, node, ctx) -> np.ndarray:
+        raise NotImplementedError
+
+    def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+        if len(node.input) <= self.weight_input:
+            return "no weight input"
+        w = ctx.constant(node.input[self.weight_input])
+        if w is None:
+            return f"weight '{node.input[self.weight_input]}' is not a constant"
+        if w.ndim != 2:
+            return f"weight is {w.ndim}-D, only 2-D weights are factored"
+        if w.dtype.type not in FLOAT_TYPES:
+            return f"weight dtype {w.dtype} is not floating point"
+        if min(w.shape) < 2:
+            return f"weight {w.shape[0]}x{w.shape[1]} has rank 1 at most"
+        return None
+
+    def choose_rank(self, name: str, w: np.ndarray, opts: FactorOptions) -> int:
+        m, n = w.shape
+        spec = next((s for p, s in opts.rank_for if matches(name, p)), None)
+        if spec is not None:
+            return spec.resolve(m, n)
+        if opts.projection_function is not None:
+            k = opts.projection_function(w)
+            if isinstance(k, (float, np.floating)) and 0 < k <= 1:
+                return linalg.RankSpec(fraction=float(k)).resolve(m, n)
+            if not isinstance(k, (int, np.integer)) or k < 1:
+                raise OnnxoptError(f"{name}: projection function returned {k!r}, expected an integer rank >= 1")
+            return min(int(k), m, n)
+        if opts.energy is not None:
+            return linalg.rank_for_energy(linalg.singular_values(w), opts.energy)
+        if opts.rank is not None:
+            return opts.rank.resolve(m, n)
+        raise OnnxoptError("no rank given: pass --rank or --energy")
+
+    def factors(self, name: str, w: np.ndarray, k: int, opts: FactorOptions) -> linalg.Factors:
+        if opts.factor_function is not None:
+            u, v = opts.factor_function(w, k)
+            u, v = np.asarray(u), np.asarray(v)
+            if u.shape != (w.shape[0], k) or v.shape != (k, w.shape[1]):
+                raise OnnxoptError(f"{name}: factor function returned shapes {u.shape} and {v.shape}, "
+                                   f"expected {(w.shape[0], k)} and {(k, w.shape[1])}")
+            return linalg.Factors(u, v, linalg.relative_error(w, u, v), "factor function")
+        gram = (opts.whitening or {}).get(name)
+        if gram is not None:
+            return linalg.whitened_low_rank(w, k, gram)
+        return linalg.low_rank(w, k, seed=opts.seed)
+
+    def replace(self, node, ctx, x: str, w: np.ndarray, *, pre_nodes=(), bias_nodes=(), bias_inits=(),
+                extra_params: int = 0, rows: int = 1) -> Rewrite:
+        """x → [pre_nodes] → MatMul(U) → MatMul(V) → [bias_nodes, whose first input "" is the product]."""
+        name = ctx.name_of(node)
+        opts: FactorOptions = ctx.options
+        m, n = w.shape
+        k = self.choose_rank(name, w, opts)
+        if k * (m + n) >= m * n:
+            raise Declined(f"rank {k} gains nothing: k(m+n) = {k * (m + n):,} >= m*n = {m * n:,}")
+        f = self.factors(name, w, k, opts)
+        u = ctx.initializer(f"{name}/factor_U", f.u.astype(w.dtype))
+        v = ctx.initializer(f"{name}/factor_V", f.v.astype(w.dtype))
+        hidden = ctx.fresh(f"{name}/factor_hidden")
+        out = node.output[0]
+        product = ctx.fresh(f"{name}/factor_out") if bias_nodes else out
+        nodes = [helper.make_node("MatMul", [x, u.name], [hidden], name=ctx.fresh(f"{name}/factor_MatMul_U")),
+                 helper.make_node("MatMul", [hidden, v.name], [product], name=ctx.fresh(f"{name}/factor_MatMul_V"))]
+        for b in bias_nodes:
+            if b.input[0] == "":
+                b.input[0] = product
+        nodes = list(pre_nodes) + nodes + list(bias_nodes)
+        layer = LayerReport(name=name, op_type=node.op_type, shape=f"{m}x{n}", action="factored", rank=k,
+                            params_before=m * n + extra_params, params_after=k * (m + n) + extra_params,
+                            flops_before=2 * m * n * rows, flops_after=2 * k * (m + n) * rows, error=f.error)
+        return Rewrite(nodes=nodes, initializers=[u, v] + list(bias_inits), layer=layer)
+
+
+class GemmRule(_DenseRule):
+    def check(self, node, ctx):
+        reason = super().check(node, ctx)
+        if reason:
+            return reason
+        a = _attrs(node)
+        if a.get("beta", 1.0) != 0 and len(node.input) > 2 and node.input[2]:
+            c = ctx.constant(node.input[2])
+            if c is not None and c.dtype.type not in FLOAT_TYPES:
+                return f"bias dtype {c.dtype} is not floating point"
+        return None
+
+    def rewrite(self, node, ctx):
+        a = _attrs(node)
+        name = ctx.name_of(node)
+        b = ctx.constant(node.input[1])
+        w = (b.T if a.get("transB", 0) else b) * np.asarray(a.get("alpha", 1.0), b.dtype)
+        pre_nodes = []
+        x = node.input[0]
+        if a.get("transA", 0):
+            xt = ctx.fresh(f"{name}/factor_At")
+            pre_nodes = [helper.make_node("Transpose", [x], [xt], name=ctx.fresh(f"{name}/factor_Transpose"),
+                                               perm=[1, 0])]
+            x = xt
+        bias_nodes, bias_inits, extra = [], [], 0
+        beta = float(a.get("beta", 1.0))
+        c_name = node.input[2] if len(node.input) > 2 else ""
+        if c_name and beta != 0:
+            c = ctx.constant(c_name)
+            if c is not None:
+                init = ctx.initializer(f"{name}/factor_bias", (c * np.asarray(beta, c.dtype)).astype(w.dtype))
+                bias_inits.append(init)
+                extra = int(c.size)
+                bias_nodes.append(helper.make_node("Add", ["", init.name], [node.output[0]],
+                                                   name=ctx.fresh(f"{name}/factor_Add")))
+            else:
+                term = c_name
+                if beta != 1:
+                    scale = ctx.initializer(f"{name}/factor_beta", np.asarray(beta, w.dtype))
+                    bias_inits.append(scale)
+                    term = ctx.fresh(f"{name}/factor_beta_C")
+                    bias_nodes.append(helper.make_node("Mul", [c_name, scale.name], [term],
+                                                       name=ctx.fresh(f"{name}/factor_Mul")))
+                bias_nodes.append(helper.make_node("Add", ["", term], [node.output[0]],
+                                                   name=ctx.fresh(f"{name}/factor_Add")))
+        # Gemm's A is 2-D: one row per sample
+        return self.replace(node, ctx, x, w, pre_nodes=pre_nodes, bias_nodes=bias_nodes, bias_inits=bias_inits,
+                            extra_params=extra)
+
+
+class MatMulRule(_DenseRule):
+    def check(self, node, ctx):
+        if len(node.input) == 2 and ctx.constant(node.input[0]) is not None and ctx.constant(node.input[1]) is None:
+            return "the constant is the first input (W·X); only X·W is factored"
+        return super().check(node, ctx)
+
+    def rewrite(self, node, ctx):
+        w = ctx.constant(node.input[1])
+        return self.replace(node, ctx, node.input[0], w, rows=_rows(ctx, node.input[0]))
+
+
+RULES = {("", "Gemm"): GemmRule(), ("", "MatMul"): MatMulRule()}

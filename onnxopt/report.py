@@ -1,0 +1,91 @@
+"""Per-layer report: what each pass did to each candidate layer, as a table or JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    shape: str = ""
+    action: str = "skipped"  # factored | binarized | lowered | skipped
+    reason: str = ""
+    rank: int | None = None
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    error: float | None = None  # relative reconstruction error ‖W − W'‖F / ‖W‖F
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+@dataclass
+class Report:
+    command: str
+    layers: list[LayerReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    check: dict | None = None  # filled by --check / compare
+    output: str | None = None
+
+    @property
+    def changed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action != "skipped"]
+
+    def totals(self) -> dict:
+        keys = ("params_before", "params_after", "flops_before", "flops_after", "bytes_before", "bytes_after")
+        totals = {k: sum(getattr(layer, k) for layer in self.changed) for k in keys}
+        totals["layers_changed"] = len(self.changed)
+        totals["layers_skipped"] = len(self.layers) - len(self.changed)
+        return totals
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, "output": self.output, "layers": [asdict(x) for x in self.layers],
+                "totals": self.totals(), "warnings": self.warnings, "check": self.check}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        head = ["layer", "op", "shape", "action", "rank", "params", "FLOPs/sample", "rel.err"]
+        rows = []
+        for x in self.layers:
+            if x.action == "skipped":
+                rows.append([x.name, x.op_type, x.shape, f"skipped: {x.reason}", "", "", "", ""])
+                continue
+            rows.append([x.name, x.op_type, x.shape, x.action, "" if x.rank is None else str(x.rank),
+                         _arrow(x.params_before, x.params_after), _arrow(x.flops_before, x.flops_after),
+                         "" if x.error is None else f"{x.error:.2e}"])
+        t = self.totals()
+        rows.append(["total", "", "", f"{t['layers_changed']} changed", "",
+                     _arrow(t["params_before"], t["params_after"]), _arrow(t["flops_before"], t["flops_after"]), ""])
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+        if t["bytes_before"]:
+            lines.append(f"weights of changed layers: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
+                         f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")
+        if self.check:
+            lines.append(format_check(self.check))
+        return "\n".join(lines)
+
+
+def format_check(check: dict) -> str:
+    parts = [f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}"
+             for name, v in check["outputs"].items()]
+    return f"check on {check['samples']} samples: " + "; ".join(parts)
+
+
+def _arrow(before: int, after: int) -> str:
+    if not before:
+        return ""
+    return f"{before:,} -> {after:,} ({after / before:.0%})"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
