@@ -22,14 +22,15 @@ def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None
                        rank_for: Iterable[tuple[str, str | float | int]] = (), only: Iterable[str] = (),
                        skip: Iterable[str] = (), projection_function: Callable | None = None,
                        filter_function: Callable | None = None, factor_function: Callable | None = None,
-                       whitening: dict[str, np.ndarray] | None = None, progress: Progress | None = None,
-                       seed: int = 0) -> tuple[onnx.ModelProto, Report]:
+                       whitening: dict[str, np.ndarray] | None = None, allow_growth: bool = False,
+                       progress: Progress | None = None, seed: int = 0) -> tuple[onnx.ModelProto, Report]:
     """Replace Gemm / MatMul(X, const W) by two MatMuls of rank k. See `onnxopt factor --help`."""
     opts = FactorOptions(
         rank=linalg.RankSpec.parse(rank) if rank is not None else None,
         energy=linalg.parse_energy(energy) if energy is not None else None,
         rank_for=[(p, linalg.RankSpec.parse(r)) for p, r in rank_for],
-        projection_function=projection_function, factor_function=factor_function, whitening=whitening, seed=seed)
+        projection_function=projection_function, factor_function=factor_function, whitening=whitening, allow_growth=allow_growth,
+        seed=seed)
     if opts.rank is None and opts.energy is None and opts.projection_function is None and not opts.rank_for:
         opts.rank = linalg.RankSpec(fraction=0.5)
     selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
@@ -79,3 +80,59 @@ def _flops(node, w, ctx) -> int:
     shape = ctx.shape(node.input[0]) or []
     rows = np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]) if node.op_type == "MatMul" else 1
     return int(2 * w.size * rows)
+
+
+def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), skip: Iterable[str] = (),
+                         filter_function: Callable | None = None, scale: str = "channel", stage: str = "all",
+                         train_function: Callable | None = None, progress: Progress | None = None
+                         ) -> tuple[onnx.ModelProto, Report]:
+    """Conv → BinaryConv (stage 'transform'), then optionally train, then → BitConv (stage 'all')."""
+    from .errors import UsageError
+    from .model import with_custom_domain
+    from .passes.binarize import RULES as BINARIZE_RULES
+    from .passes.binarize import BinarizeOptions
+
+    if stage not in ("transform", "all"):
+        raise UsageError(f"invalid stage '{stage}': choose transform or all")
+    selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
+    transformed, report = apply_rules(model, BINARIZE_RULES, selection, command="binarize",
+                                      options=BinarizeOptions(scale=scale), progress=progress)
+    if report.changed:
+        with_custom_domain(transformed)
+    if train_function is not None:
+        from .hooks import run_training
+
+        transformed = run_training(train_function, transformed)
+    if stage == "transform":
+        return transformed, report
+    lowered, lower_report = lower_with_report(transformed)
+    by_name = {layer.name: layer for layer in lower_report.changed}
+    for layer in report.changed:
+        if layer.name in by_name:
+            layer.bytes_after = by_name[layer.name].bytes_after
+    return lowered, report
+
+
+def lower_with_report(model: onnx.ModelProto, *, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+    """BinaryConv → BitConv: pack weights to bits for the native kernel."""
+    from .passes.lower import RULES as LOWER_RULES
+
+    return apply_rules(model, LOWER_RULES, Selection(), command="lower", progress=progress)
+
+
+def convert_to_binary_convolution(model: onnx.ModelProto, filter_function: Callable | None = None,
+                                  **options) -> onnx.ModelProto:
+    """netopt's name: Conv → trainable BinaryConv."""
+    return binarize_with_report(model, filter_function=filter_function, stage="transform", **options)[0]
+
+
+def convert_to_native_binary_convolution(model: onnx.ModelProto) -> onnx.ModelProto:
+    """netopt's name: BinaryConv → native bit-packed BitConv."""
+    return lower_with_report(model)[0]
+
+
+def binarize_convolution(model: onnx.ModelProto, train_function: Callable | None = None,
+                         filter_function: Callable | None = None, **options) -> onnx.ModelProto:
+    """netopt's name: transform, train with `train_function(model) -> model` if given, lower."""
+    return binarize_with_report(model, train_function=train_function, filter_function=filter_function,
+                                **options)[0]

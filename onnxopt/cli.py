@@ -44,7 +44,7 @@ def cli():
 
 
 def _progress(quiet: bool):
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # a bar in a CI log is noise
         return None
 
     def bar(items, label):
@@ -143,10 +143,11 @@ def _pairs(values, option):
 @click.option("--rank-for", multiple=True, metavar="PATTERN=R", help="Per-layer rank; first match wins (repeatable).")
 @click.option("--projection-fn", metavar="MODULE:FUNCTION", help="W (m x n numpy array) -> rank k.")
 @click.option("--factor-fn", metavar="MODULE:FUNCTION", help="(W, k) -> (U, V), replacing the SVD.")
+@click.option("--allow-growth", is_flag=True, help="Factor even layers where k(m+n) >= m*n (e.g. full-rank checks).")
 @_selection_options
 @_check_options
 @_output_options
-def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, only, skip, filter_fn, check_samples, data,
+def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, allow_growth, only, skip, filter_fn, check_samples, data,
            max_error, output, force, external_data, as_json, quiet, strict):
     """Replace Gemm and MatMul(X, constant W) by two low-rank MatMuls: W (m x n) ~ U (m x k) . V (k x n)."""
     from . import api
@@ -160,7 +161,8 @@ def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, only, s
     model, report = api.factor_with_report(
         source, rank=rank, energy=energy, rank_for=_pairs(rank_for, "--rank-for"), only=only, skip=skip,
         projection_function=_hook(projection_fn, "--projection-fn"), filter_function=_hook(filter_fn, "--filter-fn"),
-        factor_function=_hook(factor_fn, "--factor-fn"), progress=_progress(quiet or as_json))
+        factor_function=_hook(factor_fn, "--factor-fn"), allow_growth=allow_growth,
+        progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="factored", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)
@@ -186,3 +188,79 @@ def inspect(model_path, as_json):
     widths = [max(len(str(x[i])) for x in table + [head]) for i in range(len(head))]
     for line in [head] + table:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--stage", type=click.Choice(["transform", "all"]), default="all", show_default=True,
+              help="transform: stop at the trainable BinaryConv model; all: lower to bit-packed BitConv too.")
+@click.option("--scale", type=click.Choice(["channel", "tensor", "none"]), default="channel", show_default=True,
+              help="alpha: mean |W| per output channel, one for the tensor, or 1.")
+@click.option("--train-hook", metavar="MODULE:FUNCTION", help="function(model, **hook_args) -> model, run before lowering.")
+@click.option("--hook-arg", multiple=True, metavar="KEY=VALUE", help="Keyword argument for --train-hook (repeatable).")
+@_selection_options
+@_check_options
+@_output_options
+def binarize(model_path, stage, scale, train_hook, hook_arg, only, skip, filter_fn, check_samples, data, max_error,
+             output, force, external_data, as_json, quiet, strict):
+    """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
+    from . import api
+    from .model import load_model
+
+    train = None
+    if train_hook:
+        hook = _hook(train_hook, "--train-hook")
+        kwargs = dict(_key_values(hook_arg))
+
+        def train(model):
+            return hook(model, **kwargs)
+
+    source = load_model(model_path)
+    model, report = api.binarize_with_report(
+        source, only=only, skip=skip, filter_function=_hook(filter_fn, "--filter-fn"), scale=scale, stage=stage,
+        train_function=train, progress=_progress(quiet or as_json))
+    _finish(source, model, report, input_path=model_path, suffix="binarized", output=output, force=force,
+            external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
+            max_error=max_error)
+
+
+def _key_values(values):
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --hook-arg '{v}': expected KEY=VALUE")
+        yield key, value
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@_check_options
+@_output_options
+def lower(model_path, check_samples, data, max_error, output, force, external_data, as_json, quiet, strict):
+    """Replace trainable BinaryConv ops by the native bit-packed BitConv (weights stored as bits)."""
+    from . import api
+    from .model import load_model
+
+    source = load_model(model_path)
+    model, report = api.lower_with_report(source, progress=_progress(quiet or as_json))
+    _finish(source, model, report, input_path=model_path, suffix="lowered", output=output, force=force,
+            external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
+            max_error=max_error)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help=".npz of inputs keyed by input name.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Save outputs to this .npz.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def run(model_path, data, output, force):
+    """Run any model (plain, binarized, lowered) in onnxruntime on the inputs in an .npz."""
+    from . import runtime
+    from .model import atomic_save_npz, load_model
+
+    model = load_model(model_path)
+    outputs = runtime.run(model, runtime.load_feeds(data, model))
+    for name, value in outputs.items():
+        click.echo(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
+    if output:
+        click.echo(f"wrote {atomic_save_npz(outputs, output, force=force)}")

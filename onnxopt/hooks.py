@@ -28,3 +28,42 @@ def load_function(spec: str, what: str = "hook") -> Callable:
     if not callable(fn):
         raise UsageError(f"{what} '{spec}': {attr} is not callable")
     return fn
+
+
+def run_training(train_function: Callable, model, **kwargs):
+    """Call a training hook and check it kept the graph: same nodes, same initializer names and shapes."""
+    import onnx
+
+    from .errors import OnnxoptError
+
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    try:
+        trained = train_function(model, **kwargs)
+    except Exception as exc:
+        raise OnnxoptError(f"training hook failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(trained, onnx.ModelProto):
+        raise OnnxoptError(f"training hook returned {type(trained).__name__}, expected onnx.ModelProto")
+    problem = graph_change(before, trained)
+    if problem:
+        raise OnnxoptError(f"training hook changed the graph ({problem}); only weight values may change")
+    return trained
+
+
+def graph_change(before, after) -> str | None:
+    """Why `after` is not `before` with new weight values, or None."""
+    def nodes(m):
+        return [(n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in m.graph.node]
+
+    if nodes(before) != nodes(after):
+        return "nodes differ"
+    shapes_before = {t.name: (tuple(t.dims), t.data_type) for t in before.graph.initializer}
+    shapes_after = {t.name: (tuple(t.dims), t.data_type) for t in after.graph.initializer}
+    if shapes_before.keys() != shapes_after.keys():
+        missing = sorted(shapes_before.keys() - shapes_after.keys())
+        extra = sorted(shapes_after.keys() - shapes_before.keys())
+        return f"initializers missing: {missing[:3]}, added: {extra[:3]}"
+    changed = [k for k in shapes_before if shapes_before[k] != shapes_after[k]]
+    if changed:
+        return f"initializer '{changed[0]}' changed shape or dtype"
+    return None

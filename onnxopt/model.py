@@ -187,3 +187,22 @@ def unique_node_names(graph: onnx.GraphProto) -> list[str]:
         seen.setdefault(base, 0)
         names.append(base)
     return names
+
+
+def atomic_save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike, *, force: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not force:
+        raise UsageError(f"{path}: exists; pass --force to overwrite")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
+    except OSError as exc:
+        raise OnnxoptError(f"{folder}: cannot write here ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OnnxoptError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from None
+    return path

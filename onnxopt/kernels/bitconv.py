@@ -12,8 +12,6 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-WORD = 64
-
 
 @intrinsic
 def popcount(typingctx, x):
@@ -25,19 +23,6 @@ def popcount(typingctx, x):
         return builder.ctpop(args[0])
 
     return types.uint64(types.uint64), codegen
-
-
-def words(channels: int) -> int:
-    return (channels + WORD - 1) // WORD
-
-
-def pack_weights(w: np.ndarray) -> np.ndarray:
-    """float (O, C, KH, KW) → uint64 (KH, KW, words(C), O), bit c%64 of word c//64 = (w > 0)."""
-    o, c, kh, kw = w.shape
-    bits = np.zeros((kh, kw, o, words(c) * WORD), np.uint8)
-    bits[..., :c] = (w > 0).transpose(2, 3, 0, 1)
-    packed = np.packbits(bits, axis=-1, bitorder="little").view("<u8")  # (kh, kw, o, words)
-    return np.ascontiguousarray(packed.transpose(0, 1, 3, 2)).astype(np.uint64)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -21,6 +21,12 @@ from ..select import Selection
 Progress = Callable[[list, str], Iterable]
 
 
+def node_key(node: onnx.NodeProto) -> tuple:
+    """Identifies a node within its graph (protobuf hands out a new Python wrapper on every access,
+    so id() does not); outputs are unique in a valid graph, inputs and type settle output-less nodes."""
+    return node.op_type, tuple(node.input), tuple(node.output), node.name
+
+
 class Declined(Exception):
     """Raised by a rewrite that finds, once it has computed, that it should leave the node alone."""
 
@@ -30,6 +36,7 @@ class Rewrite:
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
     layer: LayerReport
+    warnings: list[str] = field(default_factory=list)
 
 
 class Rule(Protocol):
@@ -46,7 +53,7 @@ class GraphContext:
     options: Any = None
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     value_infos: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
-    node_names: dict[int, str] = field(default_factory=dict)
+    node_names: dict[tuple, str] = field(default_factory=dict)
     _taken: set[str] = field(default_factory=set)
 
     @classmethod
@@ -55,10 +62,10 @@ class GraphContext:
         taken = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
         taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
         return cls(model=model, options=options, constants=constant_values(g), value_infos=infer_shapes(model),
-                   node_names={id(n): name for n, name in zip(g.node, unique_node_names(g))}, _taken=taken)
+                   node_names={node_key(n): name for n, name in zip(g.node, unique_node_names(g))}, _taken=taken)
 
     def name_of(self, node: onnx.NodeProto) -> str:
-        return self.node_names[id(node)]
+        return self.node_names[node_key(node)]
 
     def constant(self, tensor_name: str) -> np.ndarray | None:
         return self.constants.get(tensor_name)
@@ -102,13 +109,14 @@ def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], sele
             report.layers.append(None)  # placeholder keeps graph order in the report
     _report_subgraph_nodes(graph, rules, report)
     slots = [i for i, x in enumerate(report.layers) if x is None]
-    rewrites: dict[int, Rewrite] = {}
+    rewrites: dict[tuple, Rewrite] = {}
     items = progress(chosen, command) if progress else chosen
     for slot, (node, rule) in zip(slots, items):
         try:
             rw = rule.rewrite(node, ctx)
-            rewrites[id(node)] = rw
+            rewrites[node_key(node)] = rw
             report.layers[slot] = rw.layer
+            report.warnings.extend(rw.warnings)
         except Declined as exc:
             report.layers[slot] = LayerReport(name=ctx.name_of(node), op_type=node.op_type, reason=str(exc))
     if rewrites:
@@ -138,11 +146,11 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
+def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
     graph = model.graph
     new_nodes, new_inits = [], []
     for node in graph.node:
-        rw = rewrites.get(id(node))
+        rw = rewrites.get(node_key(node))
         if rw is None:
             new_nodes.append(node)
         else:

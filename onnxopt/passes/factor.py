@@ -30,6 +30,7 @@ class FactorOptions:
     projection_function: Callable[[np.ndarray], int] | None = None  # W → k
     factor_function: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None  # (W, k) → (U, V)
     whitening: dict[str, np.ndarray] | None = None  # node name → Gram matrix XᵀX of its input (calibration)
+    allow_growth: bool = False  # factor even where k(m+n) ≥ m·n (full-rank checks)
     seed: int = 0
 
 
@@ -105,7 +106,7 @@ class _DenseRule:
         opts: FactorOptions = ctx.options
         m, n = w.shape
         k = self.choose_rank(name, w, opts)
-        if k * (m + n) >= m * n:
+        if k * (m + n) >= m * n and not opts.allow_growth:
             raise Declined(f"rank {k} gains nothing: k(m+n) = {k * (m + n):,} >= m*n = {m * n:,}")
         f = self.factors(name, w, k, opts)
         u = ctx.initializer(f"{name}/factor_U", f.u.astype(w.dtype))

@@ -1,0 +1,92 @@
+"""binarize: Conv → com.onnxopt BinaryConv, the trainable binarized convolution.
+
+BinaryConv computes Conv(b(X), α ⊙ b(W)) + B with b(v) = +1 if v > 0 else −1, zero padding, and one
+α per output channel (mean |W| over that channel's weights by default, the L1-optimal scale).
+The float weights stay in the model as they were, so it can still be trained; `lower` packs them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..convgeom import Geometry
+from ..errors import UsageError
+from ..model import CUSTOM_DOMAIN
+from ..report import LayerReport
+from . import GraphContext, Rewrite
+
+SCALES = ("channel", "tensor", "none")
+
+
+@dataclass
+class BinarizeOptions:
+    scale: str = "channel"
+
+    def __post_init__(self):
+        if self.scale not in SCALES:
+            raise UsageError(f"invalid scale '{self.scale}': choose one of {', '.join(SCALES)}")
+
+
+def scale_for(w: np.ndarray, scale: str) -> np.ndarray:
+    """α per output channel: mean |W| per channel, one mean for the tensor, or 1."""
+    o = w.shape[0]
+    if scale == "channel":
+        return np.abs(w).reshape(o, -1).mean(axis=1).astype(np.float32)
+    if scale == "tensor":
+        return np.full(o, np.abs(w).mean(), np.float32)
+    return np.ones(o, np.float32)
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class ConvRule:
+    def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
+        if len(node.input) < 2:
+            return "no weight input"
+        w = ctx.constant(node.input[1])
+        if w is None:
+            return f"weight '{node.input[1]}' is not a constant"
+        if w.dtype != np.float32:
+            return f"weight dtype {w.dtype} is not float32"
+        if w.ndim not in (3, 4):
+            return f"{w.ndim - 2}-D convolution: only Conv1d and Conv2d are binarized"
+        group = _attrs(node).get("group", 1)
+        if group != 1:
+            kind = "depthwise" if group == w.shape[0] else "grouped"
+            return f"{kind} convolution (group={group}) is not binarized"
+        if len(node.input) > 2 and node.input[2] and ctx.constant(node.input[2]) is None:
+            return f"bias '{node.input[2]}' is not a constant"
+        shape = ctx.shape(node.input[0])
+        if shape is not None and len(shape) != w.ndim:
+            return f"input rank {len(shape)} does not match a {w.ndim}-D weight"
+        return None
+
+    def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
+        opts: BinarizeOptions = ctx.options
+        name = ctx.name_of(node)
+        w = ctx.constant(node.input[1])
+        o = w.shape[0]
+        bias = ctx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(o, np.float32)
+        geometry = Geometry.from_conv(_attrs(node), spatial_rank=w.ndim - 2, channels=w.shape[1])
+        alpha = ctx.initializer(f"{name}/binary_alpha", scale_for(w, opts.scale))
+        b = ctx.initializer(f"{name}/binary_bias", bias.astype(np.float32).reshape(o))
+        geo = ctx.initializer(f"{name}/binary_geometry", geometry.encode())
+        new = helper.make_node("BinaryConv", [node.input[0], node.input[1], alpha.name, b.name, geo.name],
+                               list(node.output), name=node.name or ctx.fresh(name), domain=CUSTOM_DOMAIN)
+        warnings = []
+        if node.input[0] in {i.name for i in ctx.model.graph.input}:
+            warnings.append(f"{name} reads graph input '{node.input[0]}' directly: binarizing raw inputs loses "
+                            f"most of their information (keep it float with --skip)")
+        nbytes = w.size * 4
+        layer = LayerReport(name=name, op_type="Conv", shape="x".join(map(str, w.shape)), action="binarized",
+                            params_before=int(w.size), params_after=int(w.size), bytes_before=nbytes,
+                            bytes_after=nbytes)
+        return Rewrite(nodes=[new], initializers=[alpha, b, geo], layer=layer, warnings=warnings)
+
+
+RULES = {("", "Conv"): ConvRule()}

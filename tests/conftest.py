@@ -1,0 +1,61 @@
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def parse_model(text: str, ir_version: int = 8) -> onnx.ModelProto:
+    """A model from onnx.parser text; initializers given as `<...>` lines in the graph."""
+    model = onnx.parser.parse_model(text)
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def ort_run(model, feeds):
+    import onnxopt
+
+    sess = onnxopt.session(model, optimize=False)
+    return sess.run(None, feeds)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cli(*args, cwd=None):
+    """Run the installed CLI in a subprocess, as a user or CI would."""
+    return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def mlp_path():
+    return MODELS / "mlp.onnx"
+
+
+@pytest.fixture(scope="session")
+def cnn_path():
+    return MODELS / "cnn.onnx"
+
+
+def load_split(name: str, split: str):
+    with np.load(MODELS / f"{name}_{split}.npz") as d:
+        return d["input"], d["label"]
+
+
+def accuracy(model, x, y) -> float:
+    (logits,) = ort_run(model, {"input": x})
+    return float((logits.argmax(1) == y).mean())
