@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 
 from . import linalg
-from .passes import Progress, apply_rules
+from .errors import UsageError
+from .passes import Progress, apply_rules, candidate_names
+from .select import matches
 from .passes.factor import RULES as FACTOR_RULES
 from .passes.factor import FactorOptions
 from .report import Report
@@ -33,6 +35,10 @@ def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None
         seed=seed)
     if opts.rank is None and opts.energy is None and opts.projection_function is None and not opts.rank_for:
         opts.rank = linalg.RankSpec(fraction=0.5)
+    names = candidate_names(model, FACTOR_RULES)
+    for pattern, _ in opts.rank_for:
+        if not any(matches(n, pattern) for n in names):
+            raise UsageError(f"--rank-for pattern '{pattern}' matches no Gemm/MatMul layer")
     selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
     return apply_rules(model, FACTOR_RULES, selection, command="factor", options=opts, progress=progress)
 
@@ -87,7 +93,6 @@ def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), sk
                          train_function: Callable | None = None, progress: Progress | None = None
                          ) -> tuple[onnx.ModelProto, Report]:
     """Conv → BinaryConv (stage 'transform'), then optionally train, then → BitConv (stage 'all')."""
-    from .errors import UsageError
     from .model import with_custom_domain
     from .passes.binarize import RULES as BINARIZE_RULES
     from .passes.binarize import BinarizeOptions

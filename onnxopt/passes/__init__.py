@@ -88,12 +88,20 @@ class GraphContext:
         return numpy_helper.from_array(np.ascontiguousarray(array), self.fresh(base))
 
 
+def candidate_names(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule]) -> list[str]:
+    """Names of the main-graph nodes a pass could touch, as reports and patterns see them."""
+    g = model.graph
+    return [name for node, name in zip(g.node, unique_node_names(g)) if (_domain(node), node.op_type) in rules]
+
+
 def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], selection: Selection, *,
                 command: str, options: Any = None, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run one pass over the main graph and return (new model, report). The input is not modified."""
     model = _copy(model)
     ctx = GraphContext.build(model, options)
     report = Report(command=command)
+    for pattern in selection.unused_patterns(candidate_names(model, rules)):
+        report.warnings.append(f"pattern '{pattern}' matches no {'/'.join(op for _, op in rules)} layer")
     graph = model.graph
     chosen = []
     for node in graph.node:

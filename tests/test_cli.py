@@ -1,0 +1,119 @@
+"""The command line as users and CI pipelines run it: outputs, exit codes, one-line errors."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import MODELS, cli, sha256
+
+
+@pytest.fixture
+def work(tmp_path):
+    for name in ("mlp.onnx", "cnn.onnx", "mlp_test.npz", "cnn_test.npz"):
+        (tmp_path / name).write_bytes((MODELS / name).read_bytes())
+    return tmp_path
+
+
+def test_factor_writes_default_output_and_keeps_input(work):
+    before = sha256(work / "mlp.onnx")
+    r = cli("factor", work / "mlp.onnx", "--rank", "0.6", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    out = work / "mlp.factored.onnx"
+    assert report["output"] == str(out) and out.exists()
+    assert report["totals"]["params_after"] < report["totals"]["params_before"]
+    assert sha256(work / "mlp.onnx") == before
+    src, dst = onnx.load(work / "mlp.onnx"), onnx.load(out)
+    onnx.checker.check_model(dst)
+    assert dst.ir_version == src.ir_version and list(dst.opset_import) == list(src.opset_import)
+    assert not list(work.glob(".*"))  # no temp files left behind
+    # no overwrite without --force
+    r = cli("factor", work / "mlp.onnx", "--rank", "0.6")
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr
+    assert cli("factor", work / "mlp.onnx", "--rank", "0.6", "--force", "-q").returncode == 0
+
+
+def test_factor_check_and_gate(work):
+    ok = cli("factor", work / "mlp.onnx", "--rank", "1.0", "--allow-growth", "--data", work / "mlp_test.npz",
+             "--max-error", "1e-4", "-o", work / "full.onnx")
+    assert ok.returncode == 0, ok.stderr
+    assert "max rel diff" in ok.stdout
+    bad = cli("factor", work / "mlp.onnx", "--rank", "2", "--check", "4", "--max-error", "0.01", "-o", work / "x.onnx")
+    assert bad.returncode == 1 and "exceeds --max-error" in bad.stderr
+    assert not (work / "x.onnx").exists()
+
+
+def test_rank_for_and_energy(work):
+    r = cli("factor", work / "mlp.onnx", "--energy", "0.9", "--rank-for", "out=2", "--json", "-o", work / "e.onnx")
+    assert r.returncode == 0, r.stderr
+    ranks = {x["name"]: x["rank"] for x in json.loads(r.stdout)["layers"]}
+    assert ranks["/out/Gemm"] == 2 and 1 <= ranks["/l1/Gemm"] < 400
+
+
+def _one_error_line(r, code, text):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr and text in lines[0]
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["factor", "missing.onnx", "--rank", "0.5"], 2, "no such file"),
+    (["factor", ".", "--rank", "0.5"], 2, "is a directory"),
+    (["factor", "junk.onnx", "--rank", "0.5"], 1, "not a readable ONNX model"),
+    (["factor", "truncated.onnx", "--rank", "0.5"], 1, "not a readable ONNX model"),
+    (["factor", "mlp.onnx", "--rank", "0"], 2, "invalid rank"),
+    (["factor", "mlp.onnx", "--rank", "-1"], 2, "invalid rank"),
+    (["factor", "mlp.onnx", "--rank", "1.5"], 2, "invalid rank"),
+    (["factor", "mlp.onnx", "--rank", "abc"], 2, "invalid rank"),
+    (["factor", "mlp.onnx"], 2, "give a rank"),
+    (["factor", "mlp.onnx", "--rank", "4", "--rank-for", "nothing_here=2"], 2, "matches no Gemm/MatMul layer"),
+    (["factor", "mlp.onnx", "--projection-fn", "no_such_module:f"], 2, "cannot import"),
+    (["factor", "mlp.onnx", "--projection-fn", "notaspec"], 2, "expected module:function"),
+    (["factor", "mlp.onnx", "--bogus"], 2, "No such option"),
+    (["binarize", "cnn.onnx", "--scale", "weird"], 2, "Invalid value"),
+    (["run", "cnn.onnx", "--data", "mlp_test.npz"], 1, "has shape"),
+])
+def test_bad_input_gives_one_line_and_exit_code(work, args, code, text):
+    (work / "junk.onnx").write_bytes(b"\x00\xffnot a model at all" * 10)
+    (work / "truncated.onnx").write_bytes((work / "mlp.onnx").read_bytes()[:5000])
+    before = {p.name: sha256(p) for p in work.iterdir() if p.is_file()}
+    r = cli(*args, cwd=work)
+    _one_error_line(r, code, text)
+    after = {p.name: sha256(p) for p in work.iterdir() if p.is_file()}
+    assert after == before  # nothing written, nothing modified
+
+
+def test_selection_matching_nothing(work):
+    r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--only", "nope", "-o", work / "n.onnx")
+    assert r.returncode == 0 and "no layer was changed" in r.stderr
+    r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--only", "nope", "--strict", "-o", work / "s.onnx")
+    assert r.returncode == 1 and not (work / "s.onnx").exists()
+
+
+def test_binarize_lower_run(work):
+    r = cli("binarize", work / "cnn.onnx", "--skip", "first_conv", "--stage", "transform", "-o", work / "t.onnx")
+    assert r.returncode == 0, r.stderr
+    ops = [n.op_type for n in onnx.load(work / "t.onnx").graph.node]
+    assert ops.count("BinaryConv") == 2 and "BitConv" not in ops
+    r = cli("lower", work / "t.onnx", "-o", work / "l.onnx", "--data", work / "cnn_test.npz", "--max-error", "0")
+    assert r.returncode == 0, r.stderr
+    assert [n.op_type for n in onnx.load(work / "l.onnx").graph.node].count("BitConv") == 2
+    r = cli("run", work / "l.onnx", "--data", work / "cnn_test.npz", "-o", work / "out.npz")
+    assert r.returncode == 0, r.stderr
+    with np.load(work / "out.npz") as d:
+        assert d["logits"].shape == (1000, 10)
+
+
+def test_binarize_warns_when_reading_graph_input(work):
+    r = cli("binarize", work / "cnn.onnx", "-o", work / "all.onnx")
+    assert r.returncode == 0 and "reads graph input 'input' directly" in r.stderr
+
+
+def test_inspect(work):
+    r = cli("inspect", work / "cnn.onnx", "--json")
+    rows = {x["name"]: x for x in json.loads(r.stdout)}
+    assert rows["/conv2/Conv"]["binarize"] == "yes" and rows["/fc/Gemm"]["factor"] == "yes"
+    assert rows["/conv2/Conv"]["params"] == 64 * 64 * 9
+    assert rows["/conv2/Conv"]["flops"] == 2 * 64 * 64 * 9 * 14 * 14
