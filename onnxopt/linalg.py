@@ -91,7 +91,7 @@ def low_rank(w: np.ndarray, k: int, *, seed: int = 0) -> Factors:
         u, s, vt = u[:, :k], s_all[:k], vt[:k]
         kept_power = float(np.sum(s**2))
         method = "svd"
-    total = float(np.sum(np.asarray(w, np.float64) ** 2))
+    total = _squared_norm(w)
     # ‖W − Q·B_k‖² = ‖W‖² − Σ_kept σ² for both methods (orthogonal projections), no m×n product needed
     error = float(np.sqrt(max(total - kept_power, 0.0) / total)) if total > 0 else 0.0
     root = np.sqrt(s)
@@ -137,3 +137,11 @@ def whitened_low_rank(w: np.ndarray, k: int, gram: np.ndarray) -> Factors:
     total = float(np.sum(s**2))
     error = float(np.sqrt(max(total - float(np.sum(s[:k] ** 2)), 0.0) / total)) if total > 0 else 0.0
     return Factors(u=u, v=root[:, None] * qt[:k], error=error, method="whitened svd")
+
+
+def _squared_norm(w: np.ndarray) -> float:
+    """Σ w², accumulated in float64 one row block at a time (no float64 copy of a large matrix)."""
+    flat = np.asarray(w).reshape(len(w), -1)
+    step = max(1, (1 << 22) // max(flat.shape[1], 1))
+    return float(sum(np.einsum("ij,ij->", b, b, dtype=np.float64) for b in
+                     (flat[i:i + step].astype(np.float64) for i in range(0, len(flat), step))))

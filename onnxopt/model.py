@@ -166,11 +166,31 @@ def static_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Value infos by name after onnx shape inference (best effort: unknown stays unknown)."""
+    """Value infos by name after onnx shape inference (best effort: unknown stays unknown).
+
+    Runs on a skeleton whose large initializers are replaced by typed graph inputs: inference
+    only needs their shapes, and serializing gigabytes of weights for it would dominate the run.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = max(model.ir_version, 4)  # IR 4+ lets initializers be absent from inputs
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.graph.name = model.graph.name
+    skeleton.graph.node.extend(model.graph.node)
+    skeleton.graph.output.extend(model.graph.output)
+    skeleton.graph.value_info.extend(model.graph.value_info)
+    listed = {i.name for i in model.graph.input}
+    skeleton.graph.input.extend(model.graph.input)
+    for t in model.graph.initializer:
+        if t.name in listed:
+            continue
+        if np.prod(t.dims, dtype=np.int64) <= 64:  # small ones may be shapes that inference reads
+            skeleton.graph.initializer.append(t)
+        else:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < PROTOBUF_LIMIT else model
+        inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:
-        inferred = model
+        inferred = skeleton
     g = inferred.graph
     return {v.name: v for v in list(g.input) + list(g.value_info) + list(g.output)}
 
