@@ -24,9 +24,15 @@ def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None
                        rank_for: Iterable[tuple[str, str | float | int]] = (), only: Iterable[str] = (),
                        skip: Iterable[str] = (), projection_function: Callable | None = None,
                        filter_function: Callable | None = None, factor_function: Callable | None = None,
-                       whitening: dict[str, np.ndarray] | None = None, allow_growth: bool = False,
-                       progress: Progress | None = None, seed: int = 0) -> tuple[onnx.ModelProto, Report]:
-    """Replace Gemm / MatMul(X, const W) by two MatMuls of rank k. See `onnxopt factor --help`."""
+                       calibration: dict[str, np.ndarray] | None = None, allow_growth: bool = False,
+                       train_function: Callable | None = None, progress: Progress | None = None,
+                       seed: int = 0) -> tuple[onnx.ModelProto, Report]:
+    """Replace Gemm / MatMul(X, const W) by two MatMuls of rank k. See `onnxopt factor --help`.
+
+    With `calibration` (inputs keyed by graph input name) the factors minimize the layer's output error on
+    those inputs (whitened SVD) instead of the weight error.
+    """
+    whitening = _dense_grams(model, calibration) if calibration is not None else None
     opts = FactorOptions(
         rank=linalg.RankSpec.parse(rank) if rank is not None else None,
         energy=linalg.parse_energy(energy) if energy is not None else None,
@@ -40,7 +46,24 @@ def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None
         if not any(matches(n, pattern) for n in names):
             raise UsageError(f"--rank-for pattern '{pattern}' matches no Gemm/MatMul layer")
     selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
-    return apply_rules(model, FACTOR_RULES, selection, command="factor", options=opts, progress=progress)
+    factored, report = apply_rules(model, FACTOR_RULES, selection, command="factor", options=opts, progress=progress)
+    if train_function is not None:
+        from .hooks import run_training
+
+        factored = run_training(train_function, factored)
+    return factored, report
+
+
+def _dense_grams(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from .calibrate import dense_grams
+    from .model import unique_node_names
+
+    layers = {}
+    for node, name in zip(model.graph.node, unique_node_names(model.graph)):
+        if node.op_type in ("Gemm", "MatMul") and node.domain in ("", "ai.onnx"):
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            layers[name] = (node.input[0], trans_a)
+    return dense_grams(model, calibration, layers)
 
 
 def factor_dense(model: onnx.ModelProto, projection_function: Callable | None = None,
@@ -90,9 +113,9 @@ def _flops(node, w, ctx) -> int:
 
 def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), skip: Iterable[str] = (),
                          filter_function: Callable | None = None, scale: str = "channel", stage: str = "all",
-                         train_function: Callable | None = None, progress: Progress | None = None
-                         ) -> tuple[onnx.ModelProto, Report]:
-    """Conv → BinaryConv (stage 'transform'), then optionally train, then → BitConv (stage 'all')."""
+                         calibration: dict[str, np.ndarray] | None = None, train_function: Callable | None = None,
+                         progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Conv → BinaryConv (stage 'transform'), [refit α/bias on calibration data], [train], → BitConv ('all')."""
     from .model import with_custom_domain
     from .passes.binarize import RULES as BINARIZE_RULES
     from .passes.binarize import BinarizeOptions
@@ -104,6 +127,10 @@ def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), sk
                                       options=BinarizeOptions(scale=scale), progress=progress)
     if report.changed:
         with_custom_domain(transformed)
+    if calibration is not None and report.changed:
+        from .calibrate import refit_binary
+
+        transformed, _ = refit_binary(transformed, calibration)
     if train_function is not None:
         from .hooks import run_training
 

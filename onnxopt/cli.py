@@ -74,6 +74,40 @@ def _selection_options(f):
     return f
 
 
+def _training_options(f):
+    f = click.option("--train-hook", metavar="MODULE:FUNCTION",
+                     help="function(model, **hook_args) -> model: fine-tunes the transformed model (values only).")(f)
+    f = click.option("--hook-arg", multiple=True, metavar="KEY=VALUE", help="Keyword argument for --train-hook.")(f)
+    f = click.option("--train-cmd", metavar="COMMAND",
+                     help="External trainer, e.g. \"python train.py {input} {output}\": gets the transformed model, "
+                          "writes the trained one.")(f)
+    f = click.option("--calibration", type=click.Path(dir_okay=False), metavar="FILE.npz",
+                     help="Inputs keyed by graph input name: data-aware factors / refit of binarized layers.")(f)
+    return f
+
+
+def _trainer(train_hook, hook_arg, train_cmd):
+    if train_hook and train_cmd:
+        raise UsageError("--train-hook and --train-cmd exclude each other")
+    if train_cmd:
+        from .hooks import command_trainer
+
+        return command_trainer(train_cmd)
+    if not train_hook:
+        return None
+    hook = _hook(train_hook, "--train-hook")
+    kwargs = dict(_key_values(hook_arg))
+    return lambda model: hook(model, **kwargs)
+
+
+def _calibration(path, model):
+    if not path:
+        return None
+    from .calibrate import load_calibration
+
+    return load_calibration(path, model)
+
+
 def _check_options(f):
     f = click.option("--check", "check_samples", type=click.IntRange(min=1), metavar="N",
                      help="Run N inputs through both models and print the max output difference.")(f)
@@ -144,10 +178,12 @@ def _pairs(values, option):
 @click.option("--projection-fn", metavar="MODULE:FUNCTION", help="W (m x n numpy array) -> rank k.")
 @click.option("--factor-fn", metavar="MODULE:FUNCTION", help="(W, k) -> (U, V), replacing the SVD.")
 @click.option("--allow-growth", is_flag=True, help="Factor even layers where k(m+n) >= m*n (e.g. full-rank checks).")
+@_training_options
 @_selection_options
 @_check_options
 @_output_options
-def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, allow_growth, only, skip, filter_fn, check_samples, data,
+def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, allow_growth, train_hook, hook_arg,
+           train_cmd, calibration, only, skip, filter_fn, check_samples, data,
            max_error, output, force, external_data, as_json, quiet, strict):
     """Replace Gemm and MatMul(X, constant W) by two low-rank MatMuls: W (m x n) ~ U (m x k) . V (k x n)."""
     from . import api
@@ -157,12 +193,13 @@ def factor(model_path, rank, energy, rank_for, projection_fn, factor_fn, allow_g
         raise UsageError("give a rank: --rank 0.6, --rank 32, --energy 0.95 or --projection-fn")
     if rank is not None and energy is not None:
         raise UsageError("--rank and --energy exclude each other")
+    train = _trainer(train_hook, hook_arg, train_cmd)
     source = load_model(model_path)
     model, report = api.factor_with_report(
         source, rank=rank, energy=energy, rank_for=_pairs(rank_for, "--rank-for"), only=only, skip=skip,
         projection_function=_hook(projection_fn, "--projection-fn"), filter_function=_hook(filter_fn, "--filter-fn"),
         factor_function=_hook(factor_fn, "--factor-fn"), allow_growth=allow_growth,
-        progress=_progress(quiet or as_json))
+        calibration=_calibration(calibration, source), train_function=train, progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="factored", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)
@@ -196,29 +233,21 @@ def inspect(model_path, as_json):
               help="transform: stop at the trainable BinaryConv model; all: lower to bit-packed BitConv too.")
 @click.option("--scale", type=click.Choice(["channel", "tensor", "none"]), default="channel", show_default=True,
               help="alpha: mean |W| per output channel, one for the tensor, or 1.")
-@click.option("--train-hook", metavar="MODULE:FUNCTION", help="function(model, **hook_args) -> model, run before lowering.")
-@click.option("--hook-arg", multiple=True, metavar="KEY=VALUE", help="Keyword argument for --train-hook (repeatable).")
+@_training_options
 @_selection_options
 @_check_options
 @_output_options
-def binarize(model_path, stage, scale, train_hook, hook_arg, only, skip, filter_fn, check_samples, data, max_error,
+def binarize(model_path, stage, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn, check_samples, data, max_error,
              output, force, external_data, as_json, quiet, strict):
     """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
     from . import api
     from .model import load_model
 
-    train = None
-    if train_hook:
-        hook = _hook(train_hook, "--train-hook")
-        kwargs = dict(_key_values(hook_arg))
-
-        def train(model):
-            return hook(model, **kwargs)
-
+    train = _trainer(train_hook, hook_arg, train_cmd)
     source = load_model(model_path)
     model, report = api.binarize_with_report(
         source, only=only, skip=skip, filter_function=_hook(filter_fn, "--filter-fn"), scale=scale, stage=stage,
-        train_function=train, progress=_progress(quiet or as_json))
+        calibration=_calibration(calibration, source), train_function=train, progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="binarized", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)
@@ -264,3 +293,39 @@ def run(model_path, data, output, force):
         click.echo(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
     if output:
         click.echo(f"wrote {atomic_save_npz(outputs, output, force=force)}")
+
+
+@cli.command()
+@click.argument("model_a", metavar="A.onnx", type=click.Path())
+@click.argument("model_b", metavar="B.onnx", type=click.Path())
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help=".npz of inputs keyed by input name.")
+@click.option("--labels", metavar="KEY", help="Array in --data holding class labels (default: 'label' if present).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), metavar="X", help="Exit 1 if B's accuracy is below X.")
+@click.option("--max-drop", type=click.FloatRange(0, 1), metavar="X", help="Exit 1 if B loses more than X accuracy vs A.")
+def compare(model_a, model_b, data, labels, as_json, min_accuracy, max_drop):
+    """Top-1 agreement, accuracy, output differences and median latency of two models on the same inputs."""
+    from . import runtime
+    from .model import load_model
+
+    a, b = load_model(model_a), load_model(model_b)
+    result = runtime.compare_models(a, b, data, labels=labels)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for key in ("A", "B"):
+            r = result[key]
+            acc = "" if r["accuracy"] is None else f"accuracy {r['accuracy']:.4f}, "
+            click.echo(f"{key}: {acc}median latency {r['latency_ms']:.3f} ms per batch of {result['samples']}")
+        click.echo(f"top-1 agreement {result['top1_agreement']:.4f}")
+        for name, v in result["outputs"].items():
+            click.echo(f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}")
+    acc_a, acc_b = result["A"]["accuracy"], result["B"]["accuracy"]
+    if (min_accuracy is not None or max_drop is not None) and acc_b is None:
+        raise UsageError("--min-accuracy / --max-drop need labels in --data (--labels KEY)")
+    if min_accuracy is not None and acc_b < min_accuracy:
+        raise GateFailed(f"B's accuracy {acc_b:.4f} is below --min-accuracy {min_accuracy}")
+    if max_drop is not None and acc_a - acc_b > max_drop:
+        raise GateFailed(f"B loses {acc_a - acc_b:.4f} accuracy, more than --max-drop {max_drop}")

@@ -67,3 +67,62 @@ def graph_change(before, after) -> str | None:
     if changed:
         return f"initializer '{changed[0]}' changed shape or dtype"
     return None
+
+
+def command_trainer(template: str, timeout: float | None = None) -> Callable:
+    """A training function that runs an external command, e.g. "python train.py {input} {output}".
+
+    The transformed model is written to a temporary folder as {input}; the command must write {output}.
+    """
+    import shlex
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from .errors import OnnxoptError
+
+    if "{input}" not in template or "{output}" not in template:
+        raise UsageError(f"invalid --train-cmd '{template}': it must contain {{input}} and {{output}}")
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise UsageError(f"invalid --train-cmd '{template}': {exc}") from None
+
+    def train(model):
+        with tempfile.TemporaryDirectory(prefix="onnxopt-train-") as tmp:
+            src, dst = Path(tmp) / "input.onnx", Path(tmp) / "output.onnx"
+            onnx.save_model(model, str(src))
+            argv = [w.replace("{input}", str(src)).replace("{output}", str(dst)) for w in words]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            except FileNotFoundError:
+                raise OnnxoptError(f"--train-cmd: command not found: {argv[0]}") from None
+            except subprocess.TimeoutExpired:
+                raise OnnxoptError(f"--train-cmd: timed out after {timeout} s") from None
+            if done.returncode != 0:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no stderr"
+                raise OnnxoptError(f"--train-cmd exited with {done.returncode}: {tail}")
+            if not dst.is_file():
+                raise OnnxoptError("--train-cmd finished but wrote no {output} file")
+            try:
+                return onnx.load(str(dst))
+            except Exception as exc:
+                raise OnnxoptError(f"--train-cmd wrote an unreadable {{output}} ({exc})") from None
+
+    return train
+
+
+def reconstruct(model, calibration: str | None = None, **_):
+    """Ready-made training hook: refit α/bias of binarized layers on calibration data, no training loop.
+
+        onnxopt binarize models/cnn.onnx --skip first_conv --train-hook onnxopt.hooks:reconstruct \\
+            --hook-arg calibration=models/cnn_calib.npz
+    """
+    from .calibrate import load_calibration, refit_binary
+    from .errors import OnnxoptError
+
+    if not calibration:
+        raise OnnxoptError("onnxopt.hooks:reconstruct needs --hook-arg calibration=FILE.npz")
+    return refit_binary(model, load_calibration(calibration, model))[0]

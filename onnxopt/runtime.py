@@ -27,6 +27,7 @@ def session_options(*, optimize: bool = True, threads: int | None = None):
     from . import ops  # registers the ops with onnxruntime-extensions on first import
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business here
     so.register_custom_ops_library(ops.library_path())
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -49,6 +50,7 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True
         so = session_options(optimize=optimize, threads=threads)
     else:
         so = ort.SessionOptions()
+        so.log_severity_level = 3
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
@@ -142,12 +144,59 @@ def compare_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     a = run(reference, feeds, optimize=False)
     b = run(candidate, feeds, optimize=False)
     samples = len(next(iter(feeds.values()))) if feeds else 0
-    outputs = {}
-    for name, ref in a.items():
-        got = b[name].astype(np.float64)
-        ref = ref.astype(np.float64)
-        diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        outputs[name] = {"max_abs": diff, "max_rel": diff / scale if scale else diff}
+    outputs = output_differences(a, b)
     return {"samples": samples, "outputs": outputs,
             "max_rel": max((v["max_rel"] for v in outputs.values()), default=0.0)}
+
+
+def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, data_path, *, labels: str | None = None) -> dict:
+    """A vs B on the inputs in `data_path`: top-1 agreement, accuracy (with labels), differences, latency."""
+    import statistics
+    import time
+
+    feeds = load_feeds(data_path, a)
+    with np.load(data_path, allow_pickle=False) as d:
+        key = labels or ("label" if "label" in d.files else None)
+        if labels and labels not in d.files:
+            raise OnnxoptError(f"{data_path}: no array '{labels}' for --labels (has: {', '.join(d.files)})")
+        y = d[key] if key else None
+    result = {"samples": len(next(iter(feeds.values())))}
+    outs = {}
+    for tag, model in (("A", a), ("B", b)):
+        sess = session(model)
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            values = sess.run(names, feeds)
+        except Exception as exc:
+            raise OnnxoptError(f"{tag}: onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            sess.run(names, feeds)
+            times.append((time.perf_counter() - t) * 1e3)
+        outs[tag] = dict(zip(names, values))
+        first = values[0]
+        acc = None
+        if y is not None and first.ndim == 2 and len(y) == len(first):
+            acc = float((first.argmax(1) == y).mean())
+        result[tag] = {"accuracy": acc, "latency_ms": statistics.median(times)}
+    first_name = next(iter(outs["A"]))
+    if first_name not in outs["B"]:
+        raise OnnxoptError(f"B has no output '{first_name}'")
+    pa, pb = outs["A"][first_name], outs["B"][first_name]
+    result["top1_agreement"] = float((pa.argmax(-1) == pb.argmax(-1)).mean()) if pa.ndim >= 2 else None
+    result["outputs"] = output_differences(outs["A"], outs["B"])
+    return result
+
+
+def output_differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
+    """Max abs difference and max abs difference / max |reference| per output both sides have."""
+    diffs = {}
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or got.shape != ref.shape:
+            continue
+        diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        diffs[name] = {"max_abs": diff, "max_rel": diff / scale if scale else diff}
+    return diffs
