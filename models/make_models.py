@@ -9,7 +9,7 @@ Rows are sorted by label, so they are shuffled (seed 0) before the split:
 4,000 train, 1,000 held-out test; the calibration split is 256 training rows.
 
 Writes mlp.onnx (CNTK 102 shape: two hidden dense layers), cnn.onnx (CNTK 103D shape:
-convs, the first named first_conv, then a dense layer), and per model a test and a
+convs, the first named first_conv, then a dense layer), and per model a train, test and
 calibration .npz keyed by the graph input name (`input`), with labels under `label`.
 """
 import argparse
@@ -92,7 +92,7 @@ def main():
         xs = {k: v[0].reshape(shape) for k, v in splits.items()}
         train(model, xs["train"], splits["train"][1], epochs)
         export(model, xs["test"][:1], name)
-        for split in ("test", "calib"):
+        for split in ("train", "test", "calib"):
             np.savez_compressed(HERE / f"{name}_{split}.npz", input=xs[split], label=splits[split][1])
         print(f"{name}: test accuracy {accuracy(model, xs['test'], splits['test'][1]):.4f}")
 
