@@ -114,7 +114,7 @@ def _flops(node, w, ctx) -> int:
 def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), skip: Iterable[str] = (),
                          filter_function: Callable | None = None, scale: str = "channel", stage: str = "all",
                          calibration: dict[str, np.ndarray] | None = None, train_function: Callable | None = None,
-                         progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+                         emulate: bool = False, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Conv → BinaryConv (stage 'transform'), [refit α/bias on calibration data], [train], → BitConv ('all')."""
     from .model import with_custom_domain
     from .passes.binarize import RULES as BINARIZE_RULES
@@ -135,6 +135,10 @@ def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), sk
         from .hooks import run_training
 
         transformed = run_training(train_function, transformed)
+    if emulate:  # standard ops only, for external trainers; `lower` reads this form back
+        from .passes.emulate import RULES as EMULATE_RULES
+
+        return apply_rules(transformed, EMULATE_RULES, Selection(), command="emulate")[0], report
     if stage == "transform":
         return transformed, report
     lowered, lower_report = lower_with_report(transformed)

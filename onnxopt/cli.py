@@ -231,13 +231,15 @@ def inspect(model_path, as_json):
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--stage", type=click.Choice(["transform", "all"]), default="all", show_default=True,
               help="transform: stop at the trainable BinaryConv model; all: lower to bit-packed BitConv too.")
+@click.option("--emulate", is_flag=True, help="Write the transformed model in standard ONNX ops only (Greater/Where + "
+              "Conv + Mul/Add) for external trainers; implies --stage transform. `onnxopt lower` reads it back.")
 @click.option("--scale", type=click.Choice(["channel", "tensor", "none"]), default="channel", show_default=True,
               help="alpha: mean |W| per output channel, one for the tensor, or 1.")
 @_training_options
 @_selection_options
 @_check_options
 @_output_options
-def binarize(model_path, stage, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn, check_samples, data, max_error,
+def binarize(model_path, stage, emulate, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn, check_samples, data, max_error,
              output, force, external_data, as_json, quiet, strict):
     """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
     from . import api
@@ -247,7 +249,8 @@ def binarize(model_path, stage, scale, train_hook, hook_arg, train_cmd, calibrat
     source = load_model(model_path)
     model, report = api.binarize_with_report(
         source, only=only, skip=skip, filter_function=_hook(filter_fn, "--filter-fn"), scale=scale, stage=stage,
-        calibration=_calibration(calibration, source), train_function=train, progress=_progress(quiet or as_json))
+        calibration=_calibration(calibration, source), train_function=train, emulate=emulate,
+        progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="binarized", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)

@@ -131,3 +131,26 @@ def test_compare_gates(tmp_path):
 
     result = json.loads(js.stdout)
     assert result["A"]["accuracy"] > result["B"]["accuracy"] and result["samples"] == 1000
+
+
+def test_emulated_form_runs_in_plain_onnxruntime_and_lowers_back(tmp_path):
+    import onnxruntime as ort
+
+    cnn = ROOT / "models" / "cnn.onnx"
+    r = cli("binarize", cnn, "--skip", "first_conv", "--emulate", "-o", tmp_path / "emu.onnx")
+    assert r.returncode == 0, r.stderr
+    emu = onnx.load(tmp_path / "emu.onnx")
+    assert {n.domain for n in emu.graph.node} == {""}  # standard ops only
+    x, _ = load_split("cnn", "test")
+    plain = ort.InferenceSession(str(tmp_path / "emu.onnx"), providers=["CPUExecutionProvider"])
+    (emulated,) = plain.run(None, {"input": x[:64]})
+    transformed = onnxopt.convert_to_binary_convolution(onnxopt.load_model(cnn), skip=["first_conv"])
+    (want,) = onnxopt.session(transformed).run(None, {"input": x[:64]})
+    np.testing.assert_allclose(emulated, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    r = cli("lower", tmp_path / "emu.onnx", "-o", tmp_path / "low.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    lowered = onnx.load(tmp_path / "low.onnx")
+    assert [n.op_type for n in lowered.graph.node].count("BitConv") == 2
+    assert not any(n.op_type in ("Where", "Greater") for n in lowered.graph.node)
+    (bits,) = onnxopt.session(lowered).run(None, {"input": x[:64]})
+    assert np.array_equal(bits, want)

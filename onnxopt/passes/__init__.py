@@ -64,6 +64,13 @@ class GraphContext:
         return cls(model=model, options=options, constants=constant_values(g), value_infos=infer_shapes(model),
                    node_names={node_key(n): name for n, name in zip(g.node, unique_node_names(g))}, _taken=taken)
 
+    @property
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        """Tensor name → the node that produces it (main graph)."""
+        if not hasattr(self, "_producers"):
+            self._producers = {o: n for n in self.model.graph.node for o in n.output}
+        return self._producers
+
     def name_of(self, node: onnx.NodeProto) -> str:
         return self.node_names[node_key(node)]
 
@@ -106,7 +113,7 @@ def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], sele
     chosen = []
     for node in graph.node:
         rule = rules.get((_domain(node), node.op_type))
-        if rule is None:
+        if rule is None or (hasattr(rule, "applies") and not rule.applies(node, ctx)):
             continue
         name = ctx.name_of(node)
         reason = selection.decline_reason(node, name) or rule.check(node, ctx)
@@ -184,12 +191,11 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:
-    """Drop initializers and constant-producing nodes whose outputs nothing reads."""
+    """Drop nodes and initializers whose outputs nothing reads."""
     while True:
         used = _names_read(graph)
-        dead = [n for n in graph.node
-                if n.op_type in ("Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose")
-                and all(o not in used for o in n.output) and n.output]
+        # ONNX ops have no side effects: a node nobody reads from is dead (rewrites leave such behind)
+        dead = [n for n in graph.node if n.output and all(o not in used for o in n.output)]
         for n in dead:
             graph.node.remove(n)
         if not dead:
