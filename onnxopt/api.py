@@ -37,7 +37,8 @@ def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None
         rank=linalg.RankSpec.parse(rank) if rank is not None else None,
         energy=linalg.parse_energy(energy) if energy is not None else None,
         rank_for=[(p, linalg.RankSpec.parse(r)) for p, r in rank_for],
-        projection_function=projection_function, factor_function=factor_function, whitening=whitening, allow_growth=allow_growth,
+        projection_function=projection_function, factor_function=factor_function, whitening=whitening,
+        allow_growth=allow_growth,
         seed=seed)
     if opts.rank is None and opts.energy is None and opts.projection_function is None and not opts.rank_for:
         opts.rank = linalg.RankSpec(fraction=0.5)
@@ -130,7 +131,7 @@ def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), sk
     if calibration is not None and report.changed:
         from .calibrate import refit_binary
 
-        transformed, _ = refit_binary(transformed, calibration)
+        transformed = refit_binary(transformed, calibration)
     if train_function is not None:
         from .hooks import run_training
 

@@ -88,19 +88,18 @@ def conv_attributes(g: Geometry) -> dict:
     if g.auto_pad:
         attrs["auto_pad"] = {1: "SAME_UPPER", 2: "SAME_LOWER", 3: "VALID"}[g.auto_pad]
     else:
-        t, l, b, r = g.pads
-        attrs["pads"] = [l, r] if one_d else [t, l, b, r]
+        top, left, bottom, right = g.pads
+        attrs["pads"] = [left, right] if one_d else [top, left, bottom, right]
     return attrs
 
 
-def refit_binary(model: onnx.ModelProto, feeds) -> tuple[onnx.ModelProto, list[dict]]:
-    """Refit α and bias of each BinaryConv, in graph order. Returns the new model and per-layer errors."""
+def refit_binary(model: onnx.ModelProto, feeds) -> onnx.ModelProto:
+    """Refit α and bias of each BinaryConv, in graph order."""
     fitted = onnx.ModelProto()
     fitted.CopyFrom(model)
     reference_model = float_twin(model)
     inits = {t.name: t for t in fitted.graph.initializer}
     layers = [n for n in fitted.graph.node if n.domain == CUSTOM_DOMAIN and n.op_type == "BinaryConv"]
-    stats = []
     for node in layers:
         x_name, w_name, a_name, b_name, g_name = node.input
         w = numpy_helper.to_array(inits[w_name])
@@ -118,9 +117,7 @@ def refit_binary(model: onnx.ModelProto, feeds) -> tuple[onnx.ModelProto, list[d
         var = count * s2 - s1**2
         alpha = np.where(var > 0, (count * sy - s1 * y1) / np.where(var > 0, var, 1), 0.0)
         bias = (y1 - alpha * s1) / count
-        old_alpha = numpy_helper.to_array(inits[a_name])
         inits[a_name].CopyFrom(numpy_helper.from_array(alpha.astype(np.float32), a_name))
         inits[b_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), b_name))
-        stats.append({"layer": node.name, "alpha_before": float(np.mean(old_alpha)), "alpha_after": float(np.mean(alpha))})
-    return fitted, stats
+    return fitted
 

@@ -4,7 +4,6 @@ Exit codes: 0 done, 1 a failure (bad model, failed gate, write error), 2 a usage
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -111,7 +110,8 @@ def _calibration(path, model):
 def _check_options(f):
     f = click.option("--check", "check_samples", type=click.IntRange(min=1), metavar="N",
                      help="Run N inputs through both models and print the max output difference.")(f)
-    f = click.option("--data", type=click.Path(dir_okay=False), help=".npz of inputs for --check (keyed by input name).")(f)
+    f = click.option("--data", type=click.Path(dir_okay=False),
+                     help=".npz of inputs for --check (keyed by input name).")(f)
     f = click.option("--max-error", type=click.FloatRange(min=0), metavar="X",
                      help="With --check: fail (exit 1, nothing written) if the max relative difference exceeds X.")(f)
     return f
@@ -173,7 +173,8 @@ def _pairs(values, option):
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--rank", metavar="R", help="Rank: a fraction of min(m,n) (0.6) or an integer (32).")
-@click.option("--energy", type=float, metavar="E", help="Smallest rank keeping share E of the sum of squared singular values.")
+@click.option("--energy", type=float, metavar="E",
+              help="Smallest rank keeping share E of the sum of squared singular values.")
 @click.option("--rank-for", multiple=True, metavar="PATTERN=R", help="Per-layer rank; first match wins (repeatable).")
 @click.option("--projection-fn", metavar="MODULE:FUNCTION", help="W (m x n numpy array) -> rank k.")
 @click.option("--factor-fn", metavar="MODULE:FUNCTION", help="(W, k) -> (U, V), replacing the SVD.")
@@ -239,7 +240,8 @@ def inspect(model_path, as_json):
 @_selection_options
 @_check_options
 @_output_options
-def binarize(model_path, stage, emulate, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn, check_samples, data, max_error,
+def binarize(model_path, stage, emulate, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn,
+             check_samples, data, max_error,
              output, force, external_data, as_json, quiet, strict):
     """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
     from . import api
@@ -305,7 +307,8 @@ def run(model_path, data, output, force):
 @click.option("--labels", metavar="KEY", help="Array in --data holding class labels (default: 'label' if present).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), metavar="X", help="Exit 1 if B's accuracy is below X.")
-@click.option("--max-drop", type=click.FloatRange(0, 1), metavar="X", help="Exit 1 if B loses more than X accuracy vs A.")
+@click.option("--max-drop", type=click.FloatRange(0, 1), metavar="X",
+              help="Exit 1 if B loses more than X accuracy vs A.")
 def compare(model_a, model_b, data, labels, as_json, min_accuracy, max_drop):
     """Top-1 agreement, accuracy, output differences and median latency of two models on the same inputs."""
     from . import runtime

@@ -125,4 +125,4 @@ def reconstruct(model, calibration: str | None = None, **_):
 
     if not calibration:
         raise OnnxoptError("onnxopt.hooks:reconstruct needs --hook-arg calibration=FILE.npz")
-    return refit_binary(model, load_calibration(calibration, model))[0]
+    return refit_binary(model, load_calibration(calibration, model))

@@ -44,7 +44,8 @@ class RankSpec:
                 raise ValueError
             return cls(integer=i)
         except ValueError:
-            raise UsageError(f"invalid rank '{s}': give a fraction in (0, 1] like 0.6 or an integer >= 1 like 32") from None
+            raise UsageError(f"invalid rank '{s}': give a fraction in (0, 1] like 0.6 "
+                             f"or an integer >= 1 like 32") from None
 
     def resolve(self, m: int, n: int) -> int:
         full = min(m, n)
@@ -102,8 +103,8 @@ def _randomized_svd(w, k, *, oversample=10, power_iters=2, seed=0):
     # float32 products halve the time of the m×n passes; the small l×n SVD is done in float64
     a = np.asarray(w, np.float32)
     m, n = a.shape
-    l = min(k + oversample, m, n)
-    omega = np.random.default_rng(seed).standard_normal((n, l), dtype=np.float32)
+    width = min(k + oversample, m, n)
+    omega = np.random.default_rng(seed).standard_normal((n, width), dtype=np.float32)
     q, _ = np.linalg.qr(a @ omega)
     for _ in range(power_iters):
         z, _ = np.linalg.qr(a.T @ q)

@@ -32,7 +32,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except PermissionError:
-        raise OnnxoptError(f"{path}: permission denied")
+        raise OnnxoptError(f"{path}: permission denied") from None
     except Exception as exc:  # protobuf's DecodeError, missing external data, ...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise OnnxoptError(f"{path}: not a readable ONNX model ({reason})") from None
