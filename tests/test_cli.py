@@ -117,3 +117,14 @@ def test_inspect(work):
     assert rows["/conv2/Conv"]["binarize"] == "yes" and rows["/fc/Gemm"]["factor"] == "yes"
     assert rows["/conv2/Conv"]["params"] == 64 * 64 * 9
     assert rows["/conv2/Conv"]["flops"] == 2 * 64 * 64 * 9 * 14 * 14
+
+
+def test_external_data_in_and_out(work):
+    r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--external-data", "-o", work / "ext.onnx")
+    assert r.returncode == 0, r.stderr
+    assert (work / "ext.onnx.data").stat().st_size > 100_000  # the weights live beside the model
+    assert (work / "ext.onnx").stat().st_size < 20_000
+    # a model with external data loads as input too, and the result matches the in-file path
+    r = cli("factor", work / "ext.onnx", "--rank", "1.0", "--allow-growth", "--data", work / "mlp_test.npz",
+            "--max-error", "1e-4", "-o", work / "again.onnx")
+    assert r.returncode == 0, r.stderr
