@@ -103,10 +103,6 @@ def with_custom_domain(model: onnx.ModelProto) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
 
 
-def onnx_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Every tensor of the graph whose value is known without running it.
 
