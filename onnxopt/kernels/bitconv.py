@@ -1,84 +1,200 @@
 """Bit-packed binary convolution (XNOR + popcount), JIT-compiled by numba and cached on disk.
 
 With bit = (v > 0), b(v) = 2·bit − 1, and a word of 64 channels: Σ b(x)·b(w) = C − 2·popcount(x ⊕ w)
-when the unused tail bits are zero in both words. Padded taps are skipped, so they contribute 0.
+when the unused tail bits are zero in both words.
 
-Layouts: packed input [n, h, w, channel_word]; packed weights [kh, kw, channel_word, out_channel],
-output channels innermost so the popcount loop runs over contiguous words and vectorizes.
+Layouts:
+- packed input [n, row, channel_word, col] with a zero border for the padding (and slack on the right
+  for the last vector), so eight neighbouring output pixels' words load as one vector and the inner
+  loop has no bounds checks;
+- packed weights [kh, kw, channel_word, out_channel] (`packing.pack_weights`), one word broadcast to
+  all eight pixel lanes.
+A padded tap reads a zero word and adds popcount(w) where the true contribution is 0; border pixels
+subtract that back (`tap_popcounts`), so padding stays exact zero.
+
+The inner loop computes a tile of 4 output channels × 16 output pixels held in eight vector registers
+(`simd.vec8`): per tap and 64 input channels, 2 input-vector loads and 4 weight words feed 8
+xor/popcount/add steps. Pixels sit in the lanes so the epilogue writes whole output rows.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from . import simd
+from .simd import popcount
+
+TILE_CHANNELS = 8
+TILE_PIXELS = simd.LANES
+GROUP_CHANNELS = 64  # output channels per parallel job: the job's input rows stay in L1 across them
 
 
-@intrinsic
-def popcount(typingctx, x):
-    """LLVM's ctpop on a uint64 (numba has no popcount builtin)."""
-    if x != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return types.uint64(types.uint64), codegen
+def padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw):
+    """Packed input buffer that covers every tap of every pixel lane, including the last tile's
+    lanes past the row end (they read zeros and are never written out)."""
+    lanes_ow = -(-ow // TILE_PIXELS) * TILE_PIXELS
+    rows = max(pt + h, (oh - 1) * sh + (kh - 1) * dh + 1)
+    cols = max(pl + w, (lanes_ow - 1) * sw + (kw - 1) * dw + 1)
+    return n, rows, cw, cols
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def pack_input(x, out):
-    """float (N, C, H, W) → uint64 (N, H, W, words(C)); out must be zeroed."""
+def pack_input(x, pt, pl, out):
+    """float (N, C, H, W) → sign bits in uint64 (N, rows, words(C), cols) at offset (pt, pl); out's
+    border must be zero. Bits are built 64 channels at a time with compares vectorized along the row."""
     n, c, h, w = x.shape
+    words = out.shape[2]
     for job in prange(n * h):
         i = job // h
         r = job - i * h
-        for ch in range(c):
-            word = ch >> 6
-            bit = np.uint64(1) << np.uint64(ch & 63)
-            for col in range(w):
-                if x[i, ch, r, col] > 0:
-                    out[i, r, col, word] |= bit
+        for word in range(words):
+            row = out[i, pt + r, word, pl:pl + w]
+            for b in range(min(64, c - word * 64)):
+                ch = word * 64 + b
+                shift = np.uint64(b)
+                for col in range(w):
+                    row[col] |= np.uint64(x[i, ch, r, col] > 0) << shift
+
+
+@njit(cache=True, nogil=True)
+def tap_popcounts(wp):
+    """Per tap and output channel, the number of set weight bits: what a zero (padded) input word adds."""
+    kh, kw, cw, o = wp.shape
+    counts = np.zeros((kh, kw, o), np.int64)
+    for a in range(kh):
+        for b in range(kw):
+            for c in range(cw):
+                for k in range(o):
+                    counts[a, b, k] += popcount(wp[a, b, c, k])
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def tap_offsets(kh, kw, cw, dh, dw, cols):
+    """Offset of each (tap, channel word) in the flattened packed input, from the pixel's origin."""
+    offsets = np.empty(kh * kw * cw, np.int64)
+    t = 0
+    for a in range(kh):
+        for b in range(kw):
+            for c in range(cw):
+                offsets[t] = (a * dh * cw + c) * cols + b * dw
+                t += 1
+    return offsets
+
+
+@njit(cache=True, nogil=True)
+def _valid_taps(start, k, d, size):
+    count = 0
+    for a in range(k):
+        count += 0 <= start + a * d < size
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _row_taps(r, channels, kh, kw, sh, sw, pt, pl, dh, dw, h, w, ow):
+    """For output row r: per column, valid taps × channels (the ±1 count a sum starts from), and the
+    columns that have padded taps (they need `_finish_row`'s correction)."""
+    rows_valid = _valid_taps(r * sh - pt, kh, dh, h)
+    base = np.empty(ow, np.int64)
+    border = np.empty(ow, np.int64)
+    count = 0
+    for col in range(ow):
+        cols_valid = _valid_taps(col * sw - pl, kw, dw, w)
+        base[col] = rows_valid * cols_valid * channels
+        if rows_valid < kh or cols_valid < kw:
+            border[count] = col
+            count += 1
+    return base, border[:count]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _finish_row(sums, base, border, k0, k1, i, r, taps_pop, sh, sw, pt, pl, dh, dw, h, w, alpha, bias, out):
+    """Scale one output row's integer sums (sums[k − k0, col]) into out, first removing what padded
+    taps added to border pixels (they read zero words: popcount(w) instead of nothing)."""
+    kh, kw, _ = taps_pop.shape
+    ow = out.shape[3]
+    top = r * sh - pt
+    for col in border:
+        left = col * sw - pl
+        for a in range(kh):
+            for b in range(kw):
+                if not (0 <= top + a * dh < h and 0 <= left + b * dw < w):
+                    for k in range(k0, k1):
+                        sums[k - k0, col] -= taps_pop[a, b, k]
+    for k in range(k0, k1):
+        scale, shift = alpha[k], bias[k]
+        row = sums[k - k0]
+        for col in range(ow):
+            out[i, k, r, col] = np.float32(base[col] - 2 * row[col]) * scale + shift
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def conv_packed(xp, wp, alpha, bias, channels, sh, sw, pt, pl, dh, dw, out):
-    """out (N, O, OH, OW) = α·(valid_taps·C − 2·Σ popcount(x ⊕ w)) + bias."""
-    n, h, w, cw = xp.shape
+def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out):
+    """out (N, O, OH, OW) = α·(valid_taps·C − 2·Σ popcount(x ⊕ w)) + bias; xp from `pack_input`."""
+    n, rows, cw, cols = xp.shape
     kh, kw, _, o = wp.shape
-    _, _, oh, ow = out.shape
-    for job in prange(n * oh):
-        i = job // oh
-        r = job - i * oh
-        acc = np.zeros(o, np.int64)
-        for col in range(ow):
-            acc[:] = 0
-            taps = 0
-            for a in range(kh):
-                ih = r * sh - pt + a * dh
-                if ih < 0 or ih >= h:
-                    continue
-                for b in range(kw):
-                    iw = col * sw - pl + b * dw
-                    if iw < 0 or iw >= w:
-                        continue
-                    taps += 1
-                    for c in range(cw):
-                        xw = xp[i, ih, iw, c]
-                        for k in range(o):
-                            acc[k] += popcount(xw ^ wp[a, b, c, k])
-            base = taps * channels
-            for k in range(o):
-                total = np.float32(base - 2 * acc[k])
-                scaled = total * alpha[k]
-                out[i, k, r, col] = scaled + bias[k]
+    oh, ow = out.shape[2], out.shape[3]
+    xflat = xp.reshape(-1)
+    wflat = wp.reshape(-1)  # [(a·kw + b)·cw + c]·o + k
+    offsets = tap_offsets(kh, kw, cw, dh, dw, cols)
+    steps = offsets.shape[0]
+    groups = (o + GROUP_CHANNELS - 1) // GROUP_CHANNELS
+    tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
+    stride = tiles * TILE_PIXELS
+    last = o - 1
+    for job in prange(n * oh * groups):
+        g = job % groups
+        i = job // (oh * groups)
+        r = (job // groups) % oh
+        g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
+        row_origin = (i * rows + r * sh) * cw * cols
+        base, border = _row_taps(r, channels, kh, kw, sh, sw, pt, pl, dh, dw, h, w, ow)
+        sums = np.empty((TILE_CHANNELS, stride), np.int64)
+        flat = sums.reshape(-1)
+        for k0 in range(g0, g1, TILE_CHANNELS):
+            # a short last tile repeats the last channel, so the inner loop has no branch
+            k1, k2, k3 = min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
+            k4, k5, k6, k7 = min(k0 + 4, last), min(k0 + 5, last), min(k0 + 6, last), min(k0 + 7, last)
+            for tile in range(tiles):
+                col0 = tile * TILE_PIXELS
+                origin = row_origin + col0 * sw
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
+                for t in range(steps):
+                    if sw == 1:
+                        x = simd.load(xflat, origin + offsets[t])
+                    else:
+                        x = simd.load_strided(xflat, origin + offsets[t], sw)
+                    wt = t * o
+                    a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
+                    a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
+                    a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
+                    a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
+                    a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
+                    a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
+                    a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
+                    a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
+                simd.store(flat, col0, a0)
+                simd.store(flat, stride + col0, a1)
+                simd.store(flat, 2 * stride + col0, a2)
+                simd.store(flat, 3 * stride + col0, a3)
+                simd.store(flat, 4 * stride + col0, a4)
+                simd.store(flat, 5 * stride + col0, a5)
+                simd.store(flat, 6 * stride + col0, a6)
+                simd.store(flat, 7 * stride + col0, a7)
+            _finish_row(sums, base, border, k0, min(k0 + TILE_CHANNELS, g1), i, r, taps_pop, sh, sw, pt, pl,
+                        dh, dw, h, w, alpha, bias, out)
 
 
 def bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray, pt: int, pl: int, oh: int,
-             ow: int, channels: int, strides, dilations) -> np.ndarray:
-    """Binarize and pack x, then convolve with packed weights; x is (N, C, H, W) float32."""
-    n = x.shape[0]
-    xp = np.zeros((n, x.shape[2], x.shape[3], wp.shape[2]), np.uint64)
-    pack_input(x, xp)
-    out = np.empty((n, wp.shape[3], oh, ow), np.float32)
-    conv_packed(xp, wp, alpha, bias, channels, strides[0], strides[1], pt, pl, dilations[0], dilations[1], out)
+             ow: int, channels: int, strides, dilations, out: np.ndarray | None = None) -> np.ndarray:
+    """Binarize and pack x, then convolve with packed weights; x is (N, C, H, W) float32.
+    `out` (N, O, OH, OW) float32 may be passed in to reuse a buffer."""
+    n, _, h, w = x.shape
+    kh, kw, cw, o = wp.shape
+    (sh, sw), (dh, dw) = strides, dilations
+    xp = np.zeros(padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw), np.uint64)
+    pack_input(x, pt, pl, xp)
+    if out is None:
+        out = np.empty((n, o, oh, ow), np.float32)
+    conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
     return out
