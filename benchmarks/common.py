@@ -33,3 +33,44 @@ def conv_model(c, o, k=3, pad=1, seed=0):
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[pad] * 4)
     return single_node_model(node, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, "H", "W"])],
                              {"w": w, "b": b})
+
+
+def vgg_model(widths=(64, 128, 256, 512), classes=10, size=32, seed=0, batch_norm=True):
+    """VGG-style CNN: per width two 3x3 convs (+ BatchNormalization) + ReLU, then 2x2 max-pool; Gemm head.
+    The first conv is named /first_conv/Conv (what `--skip first_conv` keeps float). Random weights:
+    for latency, not accuracy."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], {}
+    x, c = "input", 3
+    for stage, width in enumerate(widths):
+        for j in range(2):
+            name = "/first_conv/Conv" if (stage, j) == (0, 0) else f"/stage{stage}/conv{j}/Conv"
+            inits[f"{name}.w"] = (rng.standard_normal((width, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+            inits[f"{name}.b"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
+            nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+                                          pads=[1, 1, 1, 1]))
+            x, c = f"{name}.y", width
+            if batch_norm:
+                bn = name.replace("Conv", "BatchNormalization")
+                inits[f"{bn}.scale"] = (1 + 0.1 * rng.standard_normal(width)).astype(np.float32)
+                inits[f"{bn}.bias"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
+                inits[f"{bn}.mean"] = (0.1 * rng.standard_normal(width)).astype(np.float32)
+                inits[f"{bn}.var"] = (1 + 0.1 * rng.random(width)).astype(np.float32)
+                nodes.append(helper.make_node("BatchNormalization", [x, f"{bn}.scale", f"{bn}.bias", f"{bn}.mean",
+                                                                     f"{bn}.var"], [f"{bn}.y"], name=bn))
+                x = f"{bn}.y"
+            nodes.append(helper.make_node("Relu", [x], [f"{name}.relu"], name=name.replace("Conv", "Relu")))
+            x = f"{name}.relu"
+        nodes.append(helper.make_node("MaxPool", [x], [f"pool{stage}"], name=f"/pool{stage}/MaxPool",
+                                      kernel_shape=[2, 2], strides=[2, 2]))
+        x = f"pool{stage}"
+    side = size // 2 ** len(widths)
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], name="/flatten/Flatten"))
+    inits["fc.w"] = (rng.standard_normal((classes, c * side * side)) / np.sqrt(c * side * side)).astype(np.float32)
+    inits["fc.b"] = np.zeros(classes, np.float32)
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="/fc/Gemm", transB=1))
+    graph = helper.make_graph(
+        nodes, "vgg", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -115,7 +115,8 @@ def _flops(node, w, ctx) -> int:
 def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), skip: Iterable[str] = (),
                          filter_function: Callable | None = None, scale: str = "channel", stage: str = "all",
                          calibration: dict[str, np.ndarray] | None = None, train_function: Callable | None = None,
-                         emulate: bool = False, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+                         emulate: bool = False, fold_batch_norm: bool = True,
+                         progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Conv → BinaryConv (stage 'transform'), [refit α/bias on calibration data], [train], → BitConv ('all')."""
     from .model import with_custom_domain
     from .passes.binarize import RULES as BINARIZE_RULES
@@ -142,19 +143,28 @@ def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), sk
         return apply_rules(transformed, EMULATE_RULES, Selection(), command="emulate")[0], report
     if stage == "transform":
         return transformed, report
-    lowered, lower_report = lower_with_report(transformed)
+    lowered, lower_report = lower_with_report(transformed, fold_batch_norm=fold_batch_norm)
     by_name = {layer.name: layer for layer in lower_report.changed}
     for layer in report.changed:
         if layer.name in by_name:
             layer.bytes_after = by_name[layer.name].bytes_after
+    report.layers += [layer for layer in lower_report.changed if layer.action == "folded"]
     return lowered, report
 
 
-def lower_with_report(model: onnx.ModelProto, *, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
-    """BinaryConv → BitConv: pack weights to bits for the native kernel."""
+def lower_with_report(model: onnx.ModelProto, *, fold_batch_norm: bool = True,
+                      progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+    """BinaryConv → BitConv: pack weights to bits for the native kernel; then fold a BatchNormalization
+    that follows a BitConv into its α and bias (equal up to float32 rounding; off: bit-identical)."""
+    from .passes.fold import RULES as FOLD_RULES
     from .passes.lower import RULES as LOWER_RULES
 
-    return apply_rules(model, LOWER_RULES, Selection(), command="lower", progress=progress)
+    lowered, report = apply_rules(model, LOWER_RULES, Selection(), command="lower", progress=progress)
+    if fold_batch_norm and report.changed:
+        lowered, folds = apply_rules(lowered, FOLD_RULES, Selection(), command="fold")
+        report.layers += folds.layers
+        report.warnings += folds.warnings
+    return lowered, report
 
 
 def convert_to_binary_convolution(model: onnx.ModelProto, filter_function: Callable | None = None,

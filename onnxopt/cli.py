@@ -73,6 +73,12 @@ def _selection_options(f):
     return f
 
 
+def _fold_option(f):
+    return click.option("--keep-batchnorm", is_flag=True,
+                        help="Do not fold a BatchNormalization after a lowered conv into its alpha/bias (folding "
+                             "saves a pass over the output; outputs then differ by float32 rounding only).")(f)
+
+
 def _training_options(f):
     f = click.option("--train-hook", metavar="MODULE:FUNCTION",
                      help="function(model, **hook_args) -> model: fine-tunes the transformed model (values only).")(f)
@@ -236,13 +242,13 @@ def inspect(model_path, as_json):
               "Conv + Mul/Add) for external trainers; implies --stage transform. `onnxopt lower` reads it back.")
 @click.option("--scale", type=click.Choice(["channel", "tensor", "none"]), default="channel", show_default=True,
               help="alpha: mean |W| per output channel, one for the tensor, or 1.")
+@_fold_option
 @_training_options
 @_selection_options
 @_check_options
 @_output_options
-def binarize(model_path, stage, emulate, scale, train_hook, hook_arg, train_cmd, calibration, only, skip, filter_fn,
-             check_samples, data, max_error,
-             output, force, external_data, as_json, quiet, strict):
+def binarize(model_path, stage, emulate, scale, keep_batchnorm, train_hook, hook_arg, train_cmd, calibration, only,
+             skip, filter_fn, check_samples, data, max_error, output, force, external_data, as_json, quiet, strict):
     """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
     from . import api
     from .model import load_model
@@ -252,7 +258,7 @@ def binarize(model_path, stage, emulate, scale, train_hook, hook_arg, train_cmd,
     model, report = api.binarize_with_report(
         source, only=only, skip=skip, filter_function=_hook(filter_fn, "--filter-fn"), scale=scale, stage=stage,
         calibration=_calibration(calibration, source), train_function=train, emulate=emulate,
-        progress=_progress(quiet or as_json))
+        fold_batch_norm=not keep_batchnorm, progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="binarized", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)
@@ -268,15 +274,18 @@ def _key_values(values):
 
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
+@_fold_option
 @_check_options
 @_output_options
-def lower(model_path, check_samples, data, max_error, output, force, external_data, as_json, quiet, strict):
+def lower(model_path, keep_batchnorm, check_samples, data, max_error, output, force, external_data, as_json, quiet,
+          strict):
     """Replace trainable BinaryConv ops by the native bit-packed BitConv (weights stored as bits)."""
     from . import api
     from .model import load_model
 
     source = load_model(model_path)
-    model, report = api.lower_with_report(source, progress=_progress(quiet or as_json))
+    model, report = api.lower_with_report(source, fold_batch_norm=not keep_batchnorm,
+                                          progress=_progress(quiet or as_json))
     _finish(source, model, report, input_path=model_path, suffix="lowered", output=output, force=force,
             external_data=external_data, as_json=as_json, strict=strict, check_samples=check_samples, data=data,
             max_error=max_error)

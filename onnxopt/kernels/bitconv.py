@@ -91,41 +91,51 @@ def _valid_taps(start, k, d, size):
 
 
 @njit(cache=True, nogil=True)
-def _row_taps(r, channels, kh, kw, sh, sw, pt, pl, dh, dw, h, w, ow):
-    """For output row r: per column, valid taps × channels (the ±1 count a sum starts from), and the
-    columns that have padded taps (they need `_finish_row`'s correction)."""
-    rows_valid = _valid_taps(r * sh - pt, kh, dh, h)
-    base = np.empty(ow, np.int64)
-    border = np.empty(ow, np.int64)
+def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
+    """What padding changes, computed once per call rather than per image and channel tile:
+    base[r, col] = valid taps × channels (the ±1 count a pixel's sum starts from); the pixels with padded
+    taps, row r's in cols[starts[r]:starts[r + 1]]; and for each of them, excess[j, k] = Σ over its
+    padded taps of popcount(w): what the zero words it read added to its popcount sum."""
+    kh, kw, o = taps_pop.shape
+    base = np.empty((oh, ow), np.int64)
+    starts = np.zeros(oh + 1, np.int64)
+    cols = np.empty(oh * ow, np.int64)
     count = 0
-    for col in range(ow):
-        cols_valid = _valid_taps(col * sw - pl, kw, dw, w)
-        base[col] = rows_valid * cols_valid * channels
-        if rows_valid < kh or cols_valid < kw:
-            border[count] = col
-            count += 1
-    return base, border[:count]
+    for r in range(oh):
+        rows_valid = _valid_taps(r * sh - pt, kh, dh, h)
+        for col in range(ow):
+            cols_valid = _valid_taps(col * sw - pl, kw, dw, w)
+            base[r, col] = rows_valid * cols_valid * channels
+            if rows_valid < kh or cols_valid < kw:
+                cols[count] = col
+                count += 1
+        starts[r + 1] = count
+    excess = np.zeros((count, o), np.int64)
+    for r in range(oh):
+        top = r * sh - pt
+        for j in range(starts[r], starts[r + 1]):
+            left = cols[j] * sw - pl
+            for a in range(kh):
+                for b in range(kw):
+                    if not (0 <= top + a * dh < h and 0 <= left + b * dw < w):
+                        for k in range(o):
+                            excess[j, k] += taps_pop[a, b, k]
+    return base, starts, cols[:count], excess
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _finish_row(sums, base, border, k0, k1, i, r, taps_pop, sh, sw, pt, pl, dh, dw, h, w, alpha, bias, out):
-    """Scale one output row's integer sums (sums[k − k0, col]) into out, first removing what padded
-    taps added to border pixels (they read zero words: popcount(w) instead of nothing)."""
-    kh, kw, _ = taps_pop.shape
+def _finish_row(sums, k0, k1, i, r, base, starts, cols, excess, alpha, bias, out):
+    """Scale one output row's popcount sums (sums[k − k0, col]) into out: α·(base − 2·sum) + bias,
+    after taking out what padded taps added."""
     ow = out.shape[3]
-    top = r * sh - pt
-    for col in border:
-        left = col * sw - pl
-        for a in range(kh):
-            for b in range(kw):
-                if not (0 <= top + a * dh < h and 0 <= left + b * dw < w):
-                    for k in range(k0, k1):
-                        sums[k - k0, col] -= taps_pop[a, b, k]
+    for j in range(starts[r], starts[r + 1]):
+        col = cols[j]
+        for k in range(k0, k1):
+            sums[k - k0, col] -= excess[j, k]
     for k in range(k0, k1):
         scale, shift = alpha[k], bias[k]
-        row = sums[k - k0]
         for col in range(ow):
-            out[i, k, r, col] = np.float32(base[col] - 2 * row[col]) * scale + shift
+            out[i, k, r, col] = np.float32(base[r, col] - 2 * sums[k - k0, col]) * scale + shift
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -141,6 +151,7 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
     groups = (o + GROUP_CHANNELS - 1) // GROUP_CHANNELS
     tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
     stride = tiles * TILE_PIXELS
+    base, starts, border_cols, excess = _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow)
     last = o - 1
     for job in prange(n * oh * groups):
         g = job % groups
@@ -148,7 +159,6 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
         r = (job // groups) % oh
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
-        base, border = _row_taps(r, channels, kh, kw, sh, sw, pt, pl, dh, dw, h, w, ow)
         sums = np.empty((TILE_CHANNELS, stride), np.int64)
         flat = sums.reshape(-1)
         for k0 in range(g0, g1, TILE_CHANNELS):
@@ -181,8 +191,8 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
                 simd.store(flat, 5 * stride + col0, a5)
                 simd.store(flat, 6 * stride + col0, a6)
                 simd.store(flat, 7 * stride + col0, a7)
-            _finish_row(sums, base, border, k0, min(k0 + TILE_CHANNELS, g1), i, r, taps_pop, sh, sw, pt, pl,
-                        dh, dw, h, w, alpha, bias, out)
+            _finish_row(sums, k0, min(k0 + TILE_CHANNELS, g1), i, r, base, starts, border_cols, excess, alpha,
+                        bias, out)
 
 
 def bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray, pt: int, pl: int, oh: int,
