@@ -21,6 +21,27 @@ def median_ms(fn, repeat=30, warmup=3, min_seconds=0.3):
     return statistics.median(times)
 
 
+def paired_ms(fa, fb, rounds=7, block=15):
+    """Median ms of fa and of fb, timed in alternating blocks: machine noise (this VM shares its cores)
+    lands on both sides of the ratio alike, while each side still runs back to back as a user's model
+    would (calling them strictly in turn measures the two thread pools waking each other instead)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, times in ((fa, ta), (fb, tb)):
+            fn()  # the first call of a block pays the other pool's wind-down
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def isa_label():
+    import os
+
+    return "AVX2 only" if "avx512" not in os.environ.get("NUMBA_CPU_FEATURES", "avx512") else "host (AVX-512)"
+
+
 def single_node_model(node, inputs, inits, opset=17):
     graph = helper.make_graph([node], "bench", inputs, [helper.make_tensor_value_info(node.output[0], 1, None)],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])

@@ -52,21 +52,19 @@ class Geometry:
 
     def resolve(self, height: int, width: int, kh: int, kw: int) -> tuple[int, int, int, int]:
         """(pad_top, pad_left, out_h, out_w) for an input of this size, auto_pad applied."""
-        sh, sw = self.strides
-        dh, dw = self.dilations
-        pads = []
-        outs = []
-        for size, k, s, d, (begin, end) in ((height, kh, sh, dh, (self.pads[0], self.pads[2])),
-                                             (width, kw, sw, dw, (self.pads[1], self.pads[3]))):
-            span = (k - 1) * d + 1
-            if self.auto_pad in (1, 2):
-                out = -(-size // s)
-                total = max((out - 1) * s + span - size, 0)
-                begin = total // 2 if self.auto_pad == 1 else total - total // 2
-                end = total - begin
-            elif self.auto_pad == 3:
-                begin = end = 0
-            out = (size + begin + end - span) // s + 1
-            pads.append(begin)
-            outs.append(out)
-        return pads[0], pads[1], outs[0], outs[1]
+        pt, oh = resolve_axis(height, kh, self.strides[0], self.dilations[0], self.pads[0], self.pads[2], self.auto_pad)
+        pl, ow = resolve_axis(width, kw, self.strides[1], self.dilations[1], self.pads[1], self.pads[3], self.auto_pad)
+        return pt, pl, oh, ow
+
+
+def resolve_axis(size, k, s, d, begin, end, auto_pad):
+    """(pad before, output length) along one axis. Plain integer code: the kernel compiles it with numba."""
+    span = (k - 1) * d + 1
+    if auto_pad == 1 or auto_pad == 2:
+        out = -(-size // s)
+        total = max((out - 1) * s + span - size, 0)
+        begin = total // 2 if auto_pad == 1 else total - total // 2
+        end = total - begin
+    elif auto_pad == 3:
+        begin = end = 0
+    return begin, (size + begin + end - span) // s + 1

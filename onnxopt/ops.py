@@ -13,17 +13,12 @@ import numpy as np
 from onnxruntime_extensions import PyCustomOpDef, PyOp, get_library_path, onnx_op
 from onnxruntime_extensions._ocos import Opdef
 
-from .convgeom import Geometry
 from .kernels import bitconv, reference
 from .model import CUSTOM_DOMAIN
 
 
 def library_path() -> str:
     return get_library_path()
-
-
-def _as_4d(x: np.ndarray, g: Geometry) -> np.ndarray:
-    return np.ascontiguousarray(x[:, :, None, :] if g.spatial_rank == 1 else x, dtype=np.float32)
 
 
 @onnx_op(op_type=f"{CUSTOM_DOMAIN}::BinaryConv",
@@ -37,12 +32,9 @@ def binary_conv(x, w, alpha, bias, geometry):
          inputs=[PyOp.dt_float, PyOp.dt_uint64, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],
          outputs=[PyOp.dt_float])
 def bit_conv(x, w_packed, alpha, bias, geometry):
-    g = Geometry.decode(geometry)
-    x4 = _as_4d(x, g)
-    kh, kw = w_packed.shape[0], w_packed.shape[1]
-    pt, pl, oh, ow = g.resolve(x4.shape[2], x4.shape[3], kh, kw)
-    out = bitconv.bit_conv(x4, w_packed, alpha, bias, pt, pl, oh, ow, g.channels, g.strides, g.dilations)
-    return out[:, :, 0, :] if g.spatial_rank == 1 else out
+    x4 = x[:, :, None, :] if geometry[0] == 1 else x
+    out = bitconv.bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
+    return out[:, :, 0, :] if geometry[0] == 1 else out
 
 
 def _invoke(op_id, feed, attributes):

@@ -1,4 +1,10 @@
 """binarize / lower: BinaryConv against onnxruntime's Conv, BitConv against BinaryConv bit for bit."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -8,7 +14,7 @@ from onnx import helper, numpy_helper
 
 import onnxopt
 from onnxopt.convgeom import Geometry
-from onnxopt.kernels import bitconv, reference
+from onnxopt.kernels import AVX2_ONLY_ENV, bitconv, reference
 from onnxopt.kernels.packing import pack_weights
 
 from conftest import accuracy, load_split, ort_run
@@ -61,26 +67,46 @@ def test_binary_conv_equals_ort_conv_on_binarized_tensors(rng, attrs, with_bias)
 
 
 @settings(max_examples=320, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(c=st.integers(1, 200), o=st.integers(1, 40), k=st.integers(1, 5), s=st.integers(1, 3),
-       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), d=st.integers(1, 2), n=st.integers(1, 3),
-       h=st.integers(1, 9), wd=st.integers(1, 9), auto=st.sampled_from([0, 0, 1, 2, 3]), seed=st.integers(0, 2**31))
-def test_bitconv_kernel_matches_reference_exactly(c, o, k, s, pads, d, n, h, wd, auto, seed):
-    """Zero mismatches between the numba kernel and the float emulation over random geometries."""
+@given(c=st.integers(1, 200), o=st.integers(1, 150), k=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       n=st.integers(1, 3), h=st.integers(1, 11), wd=st.integers(1, 19), auto=st.sampled_from([0, 0, 1, 2, 3]),
+       seed=st.integers(0, 2**31))
+def test_bitconv_kernel_matches_reference_exactly(c, o, k, sh, sw, pads, dh, dw, n, h, wd, auto, seed):
+    """Zero mismatches between the numba kernel and the float emulation over random geometries: channel
+    counts across word, tile and job-group boundaries, rows shorter and longer than a vector."""
     rng = np.random.default_rng(seed)
-    span = (k - 1) * d + 1
-    assume(not (auto == 0 and (h + pads[0] + pads[2] < span or wd + pads[1] + pads[3] < span)))  # no output fits
-    assume(not (auto == 3 and (h < span or wd < span)))
+    assume(not (auto == 0 and (h + pads[0] + pads[2] < (k - 1) * dh + 1 or wd + pads[1] + pads[3] < (k - 1) * dw + 1)))
+    assume(not (auto == 3 and (h < (k - 1) * dh + 1 or wd < (k - 1) * dw + 1)))  # no output fits
     x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
     x[rng.random(x.shape) < 0.1] = 0.0  # b(0) = -1: zeros must take the negative branch
     w = rng.standard_normal((o, c, k, k)).astype(np.float32)
     alpha = rng.random(o).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
-    g = Geometry(2, (s, s), tuple(pads), (d, d), auto, c)
+    g = Geometry(2, (sh, sw), tuple(pads), (dh, dw), auto, c)
     want = reference.binary_conv(x, w, alpha, bias, g.encode())
-    pt, pl, oh, ow = g.resolve(h, wd, k, k)
-    got = bitconv.bit_conv(x, pack_weights(w), alpha, bias, pt, pl, oh, ow, c, g.strides, g.dilations)
+    got = bitconv.bit_conv(x, pack_weights(w), alpha, bias, g.encode())
     assert got.shape == want.shape
     assert np.array_equal(got, want)
+
+
+def _host_has_avx2() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _host_has_avx2(), reason="needs an x86-64 CPU with AVX2")
+def test_bitconv_kernel_exact_in_avx2_only_code():
+    """The same property test on the code numba emits without AVX-512 (popcount by byte shuffles)."""
+    if os.environ.get("NUMBA_CPU_NAME"):
+        pytest.skip("already running with a fixed CPU target")
+    env = {**os.environ, **AVX2_ONLY_ENV}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"{__file__}::test_bitconv_kernel_matches_reference_exactly"],
+                            env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
 
 
 def test_conv1d_binarized_and_lowered(rng):

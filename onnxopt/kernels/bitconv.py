@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .. import convgeom
 from . import simd
 from .simd import popcount
 
@@ -29,6 +30,7 @@ TILE_PIXELS = simd.LANES
 GROUP_CHANNELS = 64  # output channels per parallel job: the job's input rows stay in L1 across them
 
 
+@njit(cache=True, nogil=True)
 def padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw):
     """Packed input buffer that covers every tap of every pixel lane, including the last tile's
     lanes past the row end (they read zeros and are never written out)."""
@@ -195,16 +197,20 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
                         bias, out)
 
 
-def bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray, pt: int, pl: int, oh: int,
-             ow: int, channels: int, strides, dilations, out: np.ndarray | None = None) -> np.ndarray:
-    """Binarize and pack x, then convolve with packed weights; x is (N, C, H, W) float32.
-    `out` (N, O, OH, OW) float32 may be passed in to reuse a buffer."""
+resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)
+
+
+@njit(cache=True, nogil=True)
+def bit_conv(x, wp, alpha, bias, geometry):
+    """Binarize and pack x (N, C, H, W) float32, then convolve with packed weights; geometry is the int64
+    encoding of `convgeom.Geometry`. One compiled entry point, so a call pays numba's dispatch once."""
     n, _, h, w = x.shape
     kh, kw, cw, o = wp.shape
-    (sh, sw), (dh, dw) = strides, dilations
+    sh, sw, dh, dw, auto_pad, channels = geometry[1], geometry[2], geometry[7], geometry[8], geometry[9], geometry[10]
+    pt, oh = resolve_axis(h, kh, sh, dh, geometry[3], geometry[5], auto_pad)
+    pl, ow = resolve_axis(w, kw, sw, dw, geometry[4], geometry[6], auto_pad)
     xp = np.zeros(padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw), np.uint64)
     pack_input(x, pt, pl, xp)
-    if out is None:
-        out = np.empty((n, o, oh, ow), np.float32)
+    out = np.empty((n, o, oh, ow), np.float32)
     conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
     return out
