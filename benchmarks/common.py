@@ -28,7 +28,8 @@ def paired_ms(fa, fb, rounds=7, block=15):
     ta, tb = [], []
     for _ in range(rounds):
         for fn, times in ((fa, ta), (fb, tb)):
-            fn()  # the first call of a block pays the other pool's wind-down
+            for _ in range(5):  # the first calls of a block pay for the other pool winding down
+                fn()
             for _ in range(block):
                 t = time.perf_counter()
                 fn()

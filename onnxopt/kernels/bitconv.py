@@ -99,7 +99,7 @@ def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     taps, row r's in cols[starts[r]:starts[r + 1]]; and for each of them, excess[j, k] = Σ over its
     padded taps of popcount(w): what the zero words it read added to its popcount sum."""
     kh, kw, o = taps_pop.shape
-    base = np.empty((oh, ow), np.int64)
+    base = np.empty((oh, ow), np.int32)
     starts = np.zeros(oh + 1, np.int64)
     cols = np.empty(oh * ow, np.int64)
     count = 0
@@ -112,7 +112,7 @@ def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
                 cols[count] = col
                 count += 1
         starts[r + 1] = count
-    excess = np.zeros((count, o), np.int64)
+    excess = np.zeros((count, o), np.int32)
     for r in range(oh):
         top = r * sh - pt
         for j in range(starts[r], starts[r + 1]):
@@ -134,10 +134,13 @@ def _finish_row(sums, k0, k1, i, r, base, starts, cols, excess, alpha, bias, out
         col = cols[j]
         for k in range(k0, k1):
             sums[k - k0, col] -= excess[j, k]
+    two = np.float32(2)
     for k in range(k0, k1):
         scale, shift = alpha[k], bias[k]
         for col in range(ow):
-            out[i, k, r, col] = np.float32(base[r, col] - 2 * sums[k - k0, col]) * scale + shift
+            # integers below 2²⁴ are exact in float32, so this is the exact ±1 sum, as in the reference
+            total = np.float32(base[r, col]) - two * np.float32(sums[k - k0, col])
+            out[i, k, r, col] = total * scale + shift
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -161,7 +164,7 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
         r = (job // groups) % oh
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
-        sums = np.empty((TILE_CHANNELS, stride), np.int64)
+        sums = np.empty((TILE_CHANNELS, stride), np.int32)
         flat = sums.reshape(-1)
         for k0 in range(g0, g1, TILE_CHANNELS):
             # a short last tile repeats the last channel, so the inner loop has no branch

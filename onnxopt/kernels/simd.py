@@ -119,13 +119,16 @@ def xor_popcount_add(typingctx, acc, word, vector):
 
 @intrinsic
 def store(typingctx, array, index, value):
-    """array[index : index + 8] = value, for a C-contiguous 1-D int64 array."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int64 and array.ndim == 1 and value == vec8):
+    """array[index : index + 8] = value narrowed to int32, for a C-contiguous 1-D int32 array (popcount sums
+    of a convolution stay far below 2³¹; int32 halves the epilogue's memory and converts to float32 in
+    one AVX2 instruction, where int64 needs AVX-512DQ)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int32 and array.ndim == 1 and value == vec8):
         return None
 
     def codegen(context, builder, signature, args):
         pointer = _lane_pointer(context, builder, signature.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(pointer, _VEC.as_pointer()), align=8)
+        narrow = builder.trunc(args[2], ir.VectorType(ir.IntType(32), LANES))
+        builder.store(narrow, builder.bitcast(pointer, narrow.type.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(array, types.intp, vec8), codegen
