@@ -12,9 +12,10 @@ Layouts:
 A padded tap reads a zero word and adds popcount(w) where the true contribution is 0; border pixels
 subtract that back (`tap_popcounts`), so padding stays exact zero.
 
-The inner loop computes a tile of 4 output channels × 16 output pixels held in eight vector registers
-(`simd.vec8`): per tap and 64 input channels, 2 input-vector loads and 4 weight words feed 8
-xor/popcount/add steps. Pixels sit in the lanes so the epilogue writes whole output rows.
+The inner loop computes a tile of 8 output pixels (the vector lanes, `simd.vec8`) × 8 output channels (4
+with AVX2 only), one accumulator register each: per tap and 64 input channels, one input-vector load and
+one broadcast weight word per channel feed the xor/popcount/add steps. Pixels sit in the lanes so the
+epilogue converts and writes whole output rows.
 """
 from __future__ import annotations
 
@@ -25,7 +26,20 @@ from .. import convgeom
 from . import simd
 from .simd import popcount
 
-TILE_CHANNELS = 8
+
+
+def _vector_popcount() -> bool:
+    """Whether numba's target CPU has AVX-512 VPOPCNTQ (NUMBA_CPU_FEATURES overrides the host's features)."""
+    from llvmlite import binding
+    from numba.core import config
+
+    return "+avx512vpopcntdq" in (config.CPU_FEATURES or binding.get_host_cpu_features().flatten())
+
+
+# 8 accumulators fill 8 of AVX-512's 32 zmm registers; with AVX2 each takes 2 of 16 ymm registers and the
+# byte-shuffle popcount needs several more, so 4 accumulators there (8 spilled: measured 2x slower)
+WIDE = _vector_popcount()
+TILE_CHANNELS = 8 if WIDE else 4
 TILE_PIXELS = simd.LANES
 GROUP_CHANNELS = 64  # output channels per parallel job: the job's input rows stay in L1 across them
 
@@ -170,6 +184,7 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
             # a short last tile repeats the last channel, so the inner loop has no branch
             k1, k2, k3 = min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
             k4, k5, k6, k7 = min(k0 + 4, last), min(k0 + 5, last), min(k0 + 6, last), min(k0 + 7, last)
+            # WIDE is a compile-time constant: numba drops the a4–a7 code when it is False
             for tile in range(tiles):
                 col0 = tile * TILE_PIXELS
                 origin = row_origin + col0 * sw
@@ -184,18 +199,20 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
                     a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
                     a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
                     a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
-                    a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
-                    a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
-                    a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
-                    a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
+                    if WIDE:
+                        a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
+                        a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
+                        a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
+                        a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
                 simd.store(flat, col0, a0)
                 simd.store(flat, stride + col0, a1)
                 simd.store(flat, 2 * stride + col0, a2)
                 simd.store(flat, 3 * stride + col0, a3)
-                simd.store(flat, 4 * stride + col0, a4)
-                simd.store(flat, 5 * stride + col0, a5)
-                simd.store(flat, 6 * stride + col0, a6)
-                simd.store(flat, 7 * stride + col0, a7)
+                if WIDE:
+                    simd.store(flat, 4 * stride + col0, a4)
+                    simd.store(flat, 5 * stride + col0, a5)
+                    simd.store(flat, 6 * stride + col0, a6)
+                    simd.store(flat, 7 * stride + col0, a7)
             _finish_row(sums, k0, min(k0 + TILE_CHANNELS, g1), i, r, base, starts, border_cols, excess, alpha,
                         bias, out)
 
