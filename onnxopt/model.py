@@ -39,6 +39,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise OnnxoptError(f"{path}: not an ONNX model (no graph found)")
     check_model(model, what=str(path))
+    check_tensors(model, what=str(path))
     return model
 
 
@@ -151,29 +152,26 @@ def _fold(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> np.ndarray | N
 
 
 def static_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
-    """Dims of a value: ints where known, the symbol name or None elsewhere."""
+    """Dims of a value: ints where known (0 included: an empty axis), the symbol name or None elsewhere."""
     dims = []
     for d in value_info.type.tensor_type.shape.dim:
-        if d.HasField("dim_value") and d.dim_value > 0:
+        if d.HasField("dim_value") and d.dim_value >= 0:
             dims.append(d.dim_value)
         else:
             dims.append(d.dim_param or None)
     return dims
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Value infos by name after onnx shape inference (best effort: unknown stays unknown).
-
-    Runs on a skeleton whose large initializers are replaced by typed graph inputs: inference
-    only needs their shapes, and serializing gigabytes of weights for it would dominate the run.
-    """
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its large initializers replaced by typed graph inputs: shape inference only needs
+    their shapes, and serializing gigabytes of weights for it would dominate the run."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = max(model.ir_version, 4)  # IR 4+ lets initializers be absent from inputs
     skeleton.opset_import.extend(model.opset_import)
     skeleton.graph.name = model.graph.name
     skeleton.graph.node.extend(model.graph.node)
     skeleton.graph.output.extend(model.graph.output)
-    skeleton.graph.value_info.extend(model.graph.value_info)
+    # the file's own value_info is left out: it is a hint that may be stale, and inference redoes it
     listed = {i.name for i in model.graph.input}
     skeleton.graph.input.extend(model.graph.input)
     for t in model.graph.initializer:
@@ -183,12 +181,58 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
             skeleton.graph.initializer.append(t)
         else:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return skeleton
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Value infos by name after onnx shape inference (best effort: unknown stays unknown)."""
+    skeleton = _skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:
         inferred = skeleton
     g = inferred.graph
     return {v.name: v for v in list(g.input) + list(g.value_info) + list(g.output)}
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _stored_elements(t: onnx.TensorProto) -> int | None:
+    """How many elements a tensor's data holds (None: external or unknown packing)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if t.HasField("raw_data"):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        if dtype.itemsize == 0 or t.data_type in (onnx.TensorProto.STRING,) or dtype.itemsize * 8 < 8:
+            return None
+        return len(t.raw_data) // dtype.itemsize
+    count = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
+    if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        count //= 2
+    return count
+
+
+def check_tensors(model: onnx.ModelProto, what: str = "model") -> None:
+    """Each weight holds as many elements as its dims say, and types agree along the graph: the two
+    faults onnx.checker lets through that would make a rewrite (or onnxruntime) fail later."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for t in tensors:
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or not onnx.TensorProto.DataType.Name(
+                t.data_type).isupper() or t.data_type == onnx.TensorProto.UNDEFINED:
+            continue
+        stored, declared = _stored_elements(t), int(np.prod(t.dims, dtype=np.int64))
+        if stored is not None and stored != declared:
+            raise OnnxoptError(f"{what}: tensor '{t.name}' holds {stored} values but its shape "
+                               f"{list(t.dims)} needs {declared}")
+    try:
+        onnx.shape_inference.infer_shapes(_skeleton(model), check_type=True)
+    except onnx.shape_inference.InferenceError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise OnnxoptError(f"{what}: inconsistent types: {first}") from None
+    except Exception:
+        pass  # inference itself gave up (unknown ops, exotic graphs): onnxruntime will judge
 
 
 def unique_node_names(graph: onnx.GraphProto) -> list[str]:

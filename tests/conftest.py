@@ -1,4 +1,6 @@
+import contextlib
 import hashlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,27 @@ def cli(*args, cwd=None):
     """Run the installed CLI in a subprocess, as a user or CI would."""
     return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """The CLI's main() in this process (a subprocess per case would take minutes): exit code, stdout, stderr."""
+    from onnxopt.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_clean_refusal(code: int, err: str):
+    assert code in (1, 2), err
+    lines = [line for line in err.splitlines() if line.startswith("onnxopt: error:")]
+    assert len(lines) == 1, err
+    assert "internal error" not in err and "Traceback" not in err, err
 
 
 @pytest.fixture

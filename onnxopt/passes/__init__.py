@@ -105,8 +105,9 @@ def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], sele
                 command: str, options: Any = None, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run one pass over the main graph and return (new model, report). The input is not modified."""
     model = _copy(model)
-    ctx = GraphContext.build(model, options)
     report = Report(command=command)
+    report.warnings += _rename_repeated(model.graph)
+    ctx = GraphContext.build(model, options)
     for pattern in selection.unused_patterns(candidate_names(model, rules)):
         report.warnings.append(f"pattern '{pattern}' matches no {'/'.join(op for _, op in rules)} layer")
     graph = model.graph
@@ -137,6 +138,21 @@ def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], sele
     if rewrites:
         _splice(model, rewrites)
     return model, report
+
+
+def _rename_repeated(graph: onnx.GraphProto) -> list[str]:
+    """Give each repeated node name a suffix (onnxruntime refuses to load a graph with repeated names);
+    returns a warning per renamed node."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    warnings = []
+    for node, unique in zip(graph.node, unique_node_names(graph)):
+        if node.name and counts[node.name] > 1 and unique != node.name:
+            warnings.append(f"node name '{node.name}' is repeated; renamed to '{unique}' (onnxruntime refuses "
+                            "repeated names)")
+            node.name = unique
+    return warnings
 
 
 def _domain(node: onnx.NodeProto) -> str:

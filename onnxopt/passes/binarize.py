@@ -53,6 +53,8 @@ class ConvRule:
             return f"weight '{node.input[1]}' is not a constant"
         if w.dtype != np.float32:
             return f"weight dtype {w.dtype} is not float32"
+        if not np.isfinite(w).all():
+            return "weight has NaN or infinite values"
         if w.ndim not in (3, 4):
             return f"{w.ndim - 2}-D convolution: only Conv1d and Conv2d are binarized"
         group = _attrs(node).get("group", 1)

@@ -66,6 +66,8 @@ class _DenseRule:
             return f"weight dtype {w.dtype} is not floating point"
         if min(w.shape) < 2:
             return f"weight {w.shape[0]}x{w.shape[1]} has rank 1 at most"
+        if not np.isfinite(w).all():
+            return "weight has NaN or infinite values"
         return None
 
     def choose_rank(self, name: str, w: np.ndarray, opts: FactorOptions) -> int:
@@ -126,12 +128,27 @@ class _DenseRule:
         return Rewrite(nodes=nodes, initializers=[u, v] + list(bias_inits), layer=layer)
 
 
+def _input_mismatch(ctx: GraphContext, tensor: str, axis: int, rows: int) -> str | None:
+    """Why the input cannot feed an m-row weight, when shape inference knows its inner dimension."""
+    shape = ctx.shape(tensor)
+    if not shape or len(shape) < 2 or not isinstance(shape[axis], int):
+        return None
+    if shape[axis] != rows:
+        return f"input '{tensor}' has {shape[axis]} features, the weight expects {rows}: the model cannot run"
+    return None
+
+
 class GemmRule(_DenseRule):
     def check(self, node, ctx):
         reason = super().check(node, ctx)
         if reason:
             return reason
         a = _attrs(node)
+        b = ctx.constant(node.input[1])
+        reason = _input_mismatch(ctx, node.input[0], 0 if a.get("transA", 0) else -1,
+                                 b.shape[1] if a.get("transB", 0) else b.shape[0])
+        if reason:
+            return reason
         if a.get("beta", 1.0) != 0 and len(node.input) > 2 and node.input[2]:
             c = ctx.constant(node.input[2])
             if c is not None and c.dtype.type not in FLOAT_TYPES:
@@ -180,7 +197,7 @@ class MatMulRule(_DenseRule):
     def check(self, node, ctx):
         if len(node.input) == 2 and ctx.constant(node.input[0]) is not None and ctx.constant(node.input[1]) is None:
             return "the constant is the first input (W·X); only X·W is factored"
-        return super().check(node, ctx)
+        return super().check(node, ctx) or _input_mismatch(ctx, node.input[0], -1, ctx.constant(node.input[1]).shape[0])
 
     def rewrite(self, node, ctx):
         w = ctx.constant(node.input[1])

@@ -1,0 +1,155 @@
+"""Every graph kind in zoo.py through every command, the way CI runs them: the command either writes a
+valid model that computes the right thing, or refuses with one clear line; it never crashes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxopt
+
+from conftest import assert_clean_refusal, run_cli, sha256
+from zoo import KINDS, feeds_for
+
+COMMANDS = ("factor", "binarize", "lower", "run", "inspect")
+# Valid models are refused only where onnxruntime itself cannot run the input (and says why).
+EXPECTED_REFUSALS = {("empty and repeated node names", "run"): "two nodes with same node name"}
+
+
+def assert_valid_output(source: onnx.ModelProto, path: Path):
+    out = onnx.load(str(path))
+    onnx.checker.check_model(out)
+    assert out.ir_version == source.ir_version
+    opsets = {o.domain: o.version for o in out.opset_import}
+    assert {k: v for k, v in opsets.items() if k != "com.onnxopt"} == \
+           {("" if o.domain == "ai.onnx" else o.domain): o.version for o in source.opset_import}
+    onnxopt.session(out)  # loads in onnxruntime
+    return out
+
+
+def unique_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as onnxruntime can load it: repeated node names suffixed (what the commands do too)."""
+    from onnxopt.passes import _rename_repeated
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _rename_repeated(copy.graph)
+    return copy
+
+
+def outputs(model, feeds):
+    return onnxopt.session(model).run(None, feeds)  # as `onnxopt run` runs it
+
+
+def run_command(kind: str, command: str, tmp_path: Path) -> dict:
+    """Run one command on one graph kind; returns what happened, for the assertions and the table."""
+    model = KINDS[kind]()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "model.onnx"
+    onnx.save(model, str(src))
+    digest = sha256(src)
+    out = tmp_path / "out.onnx"
+    feeds = feeds_for(model)
+    target = src
+    if command == "factor":  # full rank: the factored model must reproduce the original's outputs
+        args = ["factor", src, "--rank", "1.0", "--allow-growth", "-o", out, "-q"]
+    elif command == "binarize":
+        args = ["binarize", src, "-o", out, "-q"]
+    elif command == "lower":  # lower reads the trainable form
+        target = tmp_path / "transformed.onnx"
+        code, _, err = run_cli("binarize", src, "--stage", "transform", "-o", target, "-q")
+        if code:
+            return {"code": code, "err": err, "stage": "binarize --stage transform"}
+        args = ["lower", target, "-o", out, "-q"]
+    elif command == "run":
+        np.savez(tmp_path / "feeds.npz", **feeds)
+        args = ["run", src, "--data", tmp_path / "feeds.npz", "-o", tmp_path / "outputs.npz"]
+    else:
+        args = ["inspect", src]
+    code, stdout, err = run_cli(*args)
+    assert sha256(src) == digest, "the input model was modified"
+    return {"code": code, "out": stdout, "err": err, "model": model, "feeds": feeds, "output": out,
+            "target": target, "tmp": tmp_path}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_graph_kind(kind, command, tmp_path):
+    result = run_command(kind, command, tmp_path)
+    refusal = EXPECTED_REFUSALS.get((kind, command))
+    assert bool(result["code"]) == bool(refusal), result["err"]
+    if result["code"]:
+        assert_clean_refusal(result["code"], result["err"])
+        assert refusal in result["err"]
+        assert not result["output"].exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+        return
+    assert "internal error" not in result["err"]
+    model, feeds = result["model"], result["feeds"]
+    if command == "run":
+        with np.load(tmp_path / "outputs.npz") as saved:
+            want = outputs(model, feeds)
+            got = [saved[o.name] for o in model.graph.output]
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w, g)
+    elif command == "inspect":
+        assert result["out"].strip()
+    else:
+        new = assert_valid_output(model, result["output"])
+        reference = onnx.load(str(result["target"])) if command == "lower" else unique_names(model)
+        want, got = outputs(reference, feeds), outputs(new, feeds)
+        for w, g in zip(want, got):
+            assert w.shape == g.shape
+            if command == "factor":  # full rank in float32 (float16: its own precision)
+                tol = 2e-2 if w.dtype == np.float16 else 1e-4
+                np.testing.assert_allclose(g, w, rtol=tol, atol=tol * max(1.0, float(np.abs(w).max())))
+            elif command == "lower":  # BatchNormalization folding: float32 rounding only
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+
+
+def _changed(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+def test_expected_outcomes_for_notable_kinds(tmp_path):
+    """What the matrix above only checks for validity, here checked for what was done."""
+    r = run_command("weights behind Reshape/ConstantOfShape chains", "factor", tmp_path / "a")
+    assert r["code"] == 0 and _changed(onnx.load(str(r["output"])), "Gemm") == 0  # both Gemms factored
+    r = run_command("depthwise, grouped and 1x1 convs", "binarize", tmp_path / "b")
+    assert "depthwise" in r["out"] and "grouped" in r["out"]
+    assert _changed(onnx.load(str(r["output"])), "BitConv") == 1  # only the 1x1 conv
+    r = run_command("Gemm/Conv/MatMul in If/Loop/Scan bodies", "factor", tmp_path / "c")
+    assert r["out"].count("left intact") >= 3
+    r = run_command("Conv + BatchNormalization", "binarize", tmp_path / "d")
+    lowered = onnx.load(str(r["output"]))
+    assert _changed(lowered, "BatchNormalization") == 0 and "folded" in r["out"]
+    r = run_command("float16", "binarize", tmp_path / "e")
+    assert r["code"] == 0 and "not float32" in r["out"]
+    r = run_command("IR 3, opset 9", "binarize", tmp_path / "f")
+    out = onnx.load(str(r["output"]))
+    assert {i.name for i in out.graph.input} >= {t.name for t in out.graph.initializer}
+
+
+def outcome_table() -> str:
+    """Markdown table of kind × command outcomes (used for the closing note: `python tests/zoo.py`)."""
+    import tempfile
+
+    rows = ["| graph kind | " + " | ".join(COMMANDS) + " |", "|---|" + "---|" * len(COMMANDS)]
+    for kind in KINDS:
+        cells = []
+        for command in COMMANDS:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = run_command(kind, command, Path(tmp))
+            if r["code"]:
+                cells.append("refused: " + r["err"].strip().splitlines()[-1].removeprefix("onnxopt: error: "))
+            elif command in ("run", "inspect"):
+                cells.append("ok")
+            else:
+                changed = [line for line in r["out"].splitlines() if " factored " in line or " lowered " in line
+                           or " folded " in line or " binarized " in line]
+                skipped = [line for line in r["out"].splitlines() if "skipped:" in line or "left intact" in line]
+                cells.append(f"transformed {len(changed)}" + (f", left {len(skipped)}" if skipped else ""))
+        rows.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
