@@ -302,7 +302,7 @@ def run(model_path, data, output, force):
     from .model import atomic_save_npz, load_model
 
     model = load_model(model_path)
-    outputs = runtime.run(model, runtime.load_feeds(data, model))
+    outputs = runtime.run(model_path, runtime.load_feeds(data, model))  # from the file: no 2 GiB re-serialization
     for name, value in outputs.items():
         click.echo(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
     if output:

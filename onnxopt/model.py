@@ -43,10 +43,18 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def over_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """True for a model protobuf cannot serialize in one piece (it must be saved with external data)."""
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except Exception:  # some protobuf builds refuse even to measure a message over 2 GiB
+        return True
+
+
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
     """onnx.checker, with its message turned into one line."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if over_protobuf_limit(model):
             return  # the checker cannot take >2 GiB in memory; save_model checks the file instead
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -71,7 +79,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{folder}: output folder does not exist")
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or over_protobuf_limit(model)
     check_model(model, what="output model")
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder)

@@ -41,14 +41,24 @@ def session_options(*, optimize: bool = True, threads: int | None = None):
 
 def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None):
     """An onnxruntime.InferenceSession for a plain, transformed or lowered model."""
-    import onnxruntime as ort
+    import tempfile
+
+    from .model import over_protobuf_limit, save_model
 
     if isinstance(model, (str, os.PathLike)):
-        source = str(model)
-        proto = onnx.load(source, load_external_data=False)
-    else:
-        proto = model
-        source = model.SerializeToString()
+        return _session(str(model), onnx.load(str(model), load_external_data=False), optimize, threads)
+    if not over_protobuf_limit(model):
+        return _session(model.SerializeToString(), model, optimize, threads)
+    # over protobuf's 2 GiB: a temporary copy with external data, read while the session is built
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_model(model, path, external_data=True)
+        return _session(str(path), model, optimize, threads)
+
+
+def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None):
+    import onnxruntime as ort
+
     if _uses_custom_ops(proto):
         so = session_options(optimize=optimize, threads=threads)
     else:

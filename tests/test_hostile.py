@@ -325,3 +325,41 @@ def test_fuzz_case_count_reported(capsys):
     """Runs after the fuzz test (file order) and prints how many command runs it made."""
     with capsys.disabled():
         print(f"\nfuzz: {FUZZ_CASES['count']} command runs on mutated models, no traceback")
+
+
+@pytest.mark.slow
+def test_model_over_2gb_with_external_data(tmp_path):
+    """A 2.2 GB model (two 16384² weights plus one more) in external data, in and out: factor writes
+    external data by itself (protobuf cannot hold 2 GiB), inspect and run read it."""
+    size, rng = 16384, np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(3):
+        rows = size if i < 2 else 512
+        w = (rng.standard_normal((size, rows), dtype=np.float32) / np.sqrt(size)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"], name=f"dense{i}"))
+        x = f"y{i}"
+        del w
+    graph = helper.make_graph(nodes, "huge", [helper.make_tensor_value_info("x", 1, ["N", size])],
+                              [helper.make_tensor_value_info(x, 1, ["N", 512])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src = tmp_path / "huge.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, location="huge.onnx.data")
+    del model, graph, inits
+    assert (tmp_path / "huge.onnx.data").stat().st_size > 2**31
+    digests = sha256(src), sha256(tmp_path / "huge.onnx.data")
+    out = tmp_path / "out" / "factored.onnx"
+    out.parent.mkdir()
+    # only the last layer: the output keeps the two 1 GiB weights, so it must go to external data
+    code, stdout, err = run_cli("factor", src, "--rank", "0.05", "--only", "dense2", "-o", out)
+    assert code == 0, err
+    assert (out.parent / "factored.onnx.data").stat().st_size > 2**31  # written external without being asked
+    assert out.stat().st_size < 100_000
+    onnx.checker.check_model(str(out))
+    code, stdout, err = run_cli("inspect", src)
+    assert code == 0 and "dense1" in stdout, err
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, x=rng.standard_normal((2, size)).astype(np.float32))
+    code, _, err = run_cli("run", out, "--data", feeds, "-o", tmp_path / "outputs.npz")
+    assert code == 0, err
+    assert (sha256(src), sha256(tmp_path / "huge.onnx.data")) == digests
