@@ -41,6 +41,43 @@ print(json.dumps({{"imports": base, "peak": status('VmHWM')}}))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def breakdown(lowered, batch: int, runs: int = 50) -> str:
+    """Where a lowered run's time goes: onnxruntime's profiler times each node, a wrapper times the numba
+    kernel inside each BitConv; the BitConv node time minus the kernel time is the custom-op bridge."""
+    import time
+
+    import onnxruntime as ort
+
+    from onnxopt.kernels import bitconv
+
+    so = onnxopt.session_options()
+    so.enable_profiling = True
+    sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    kernel, plain = [], bitconv.bit_conv
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = plain(*args)
+        kernel.append(time.perf_counter() - t)
+        return out
+
+    bitconv.bit_conv = timed
+    try:
+        for _ in range(runs):
+            sess.run(None, {"input": x})
+    finally:
+        bitconv.bit_conv = plain
+    with open(sess.end_profiling()) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    bit = sum(e["dur"] for e in events if e["args"].get("op_name") == "BitConv") / runs / 1e3
+    other = sum(e["dur"] for e in events if e["args"].get("op_name") != "BitConv") / runs / 1e3
+    calls = sum(1 for e in events if e["args"].get("op_name") == "BitConv") // runs
+    numba = sum(kernel) / runs * 1e3
+    return (f"batch {batch}, per run: {calls} BitConv nodes {bit:.3f} ms (numba kernels {numba:.3f} ms, bridge "
+            f"{bit - numba:.3f} ms = {(bit - numba) / calls * 1e3:.0f} us/call), other nodes {other:.3f} ms")
+
+
 def main():
     print(f"numba ISA: {isa_label()}; cores: {os.cpu_count()}")
     model = vgg_model()
@@ -65,6 +102,8 @@ def main():
         worst = min(worst, t_float / t_low)
         print(f"{batch:>5} | {t_float:>9.3f} {t_low:>10.3f} | {t_float / t_low:>7.2f}x")
     print(f"slowest: {worst:.2f}x (goal {GOAL}x)")
+    for batch in (1, 8):
+        print(breakdown(lowered, batch))
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {}
         for name in ("float", "lowered"):

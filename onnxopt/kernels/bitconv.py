@@ -99,55 +99,92 @@ def tap_offsets(kh, kw, cw, dh, dw, cols):
 
 
 @njit(cache=True, nogil=True)
-def _valid_taps(start, k, d, size):
-    count = 0
+def _padded_taps(start, k, d, size):
+    """Bit a set where tap a of a window starting at `start` falls outside [0, size)."""
+    mask = 0
     for a in range(k):
-        count += 0 <= start + a * d < size
-    return count
+        if not 0 <= start + a * d < size:
+            mask |= 1 << a
+    return mask
+
+
+@njit(cache=True, nogil=True)
+def _pattern_ids(k, d, stride, pad, size, out_size):
+    """Per output position along one axis, the index of its padded-tap pattern among the distinct ones
+    (0 = no padded tap), and those patterns' bit masks. A 3×3 pad-1 conv has three: none, first, last."""
+    ids = np.empty(out_size, np.int64)
+    masks = np.zeros(out_size + 1, np.int64)  # masks[0] = 0: the interior
+    count = 1
+    for p in range(out_size):
+        mask = _padded_taps(p * stride - pad, k, d, size)
+        found = -1
+        for q in range(count):
+            if masks[q] == mask:
+                found = q
+                break
+        if found < 0:
+            masks[count] = mask
+            found = count
+            count += 1
+        ids[p] = found
+    return ids, masks[:count]
 
 
 @njit(cache=True, nogil=True)
 def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     """What padding changes, computed once per call rather than per image and channel tile:
     base[r, col] = valid taps × channels (the ±1 count a pixel's sum starts from); the pixels with padded
-    taps, row r's in cols[starts[r]:starts[r + 1]]; and for each of them, excess[j, k] = Σ over its
-    padded taps of popcount(w): what the zero words it read added to its popcount sum."""
+    taps, row r's in cols[starts[r]:starts[r + 1]], each with a pattern index into excess, where
+    excess[p, k] = Σ over pattern p's padded taps of popcount(w): what the zero words read there added
+    to the popcount sum. Pixels share the few row × column patterns, so excess stays small."""
     kh, kw, o = taps_pop.shape
+    row_ids, row_masks = _pattern_ids(kh, dh, sh, pt, h, oh)
+    col_ids, col_masks = _pattern_ids(kw, dw, sw, pl, w, ow)
+    n_cols = col_masks.shape[0]
+    excess = np.zeros((row_masks.shape[0] * n_cols, o), np.int32)
+    for rp in range(row_masks.shape[0]):
+        for cp in range(n_cols):
+            for a in range(kh):
+                for b in range(kw):
+                    if (row_masks[rp] >> a) & 1 or (col_masks[cp] >> b) & 1:
+                        for k in range(o):
+                            excess[rp * n_cols + cp, k] += taps_pop[a, b, k]
     base = np.empty((oh, ow), np.int32)
     starts = np.zeros(oh + 1, np.int64)
     cols = np.empty(oh * ow, np.int64)
+    patterns = np.empty(oh * ow, np.int64)
     count = 0
     for r in range(oh):
-        rows_valid = _valid_taps(r * sh - pt, kh, dh, h)
+        rows_valid = kh - _popcount_small(row_masks[row_ids[r]])
         for col in range(ow):
-            cols_valid = _valid_taps(col * sw - pl, kw, dw, w)
+            cols_valid = kw - _popcount_small(col_masks[col_ids[col]])
             base[r, col] = rows_valid * cols_valid * channels
-            if rows_valid < kh or cols_valid < kw:
+            if row_ids[r] or col_ids[col]:
                 cols[count] = col
+                patterns[count] = row_ids[r] * n_cols + col_ids[col]
                 count += 1
         starts[r + 1] = count
-    excess = np.zeros((count, o), np.int32)
-    for r in range(oh):
-        top = r * sh - pt
-        for j in range(starts[r], starts[r + 1]):
-            left = cols[j] * sw - pl
-            for a in range(kh):
-                for b in range(kw):
-                    if not (0 <= top + a * dh < h and 0 <= left + b * dw < w):
-                        for k in range(o):
-                            excess[j, k] += taps_pop[a, b, k]
-    return base, starts, cols[:count], excess
+    return base, starts, cols[:count], patterns[:count], excess
+
+
+@njit(cache=True, nogil=True)
+def _popcount_small(mask):
+    count = 0
+    while mask:
+        count += mask & 1
+        mask >>= 1
+    return count
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _finish_row(sums, k0, k1, i, r, base, starts, cols, excess, alpha, bias, out):
+def _finish_row(sums, k0, k1, i, r, base, starts, cols, patterns, excess, alpha, bias, out):
     """Scale one output row's popcount sums (sums[k − k0, col]) into out: α·(base − 2·sum) + bias,
     after taking out what padded taps added."""
     ow = out.shape[3]
     for j in range(starts[r], starts[r + 1]):
-        col = cols[j]
+        col, pattern = cols[j], patterns[j]
         for k in range(k0, k1):
-            sums[k - k0, col] -= excess[j, k]
+            sums[k - k0, col] -= excess[pattern, k]
     two = np.float32(2)
     for k in range(k0, k1):
         scale, shift = alpha[k], bias[k]
@@ -170,7 +207,8 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
     groups = (o + GROUP_CHANNELS - 1) // GROUP_CHANNELS
     tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
     stride = tiles * TILE_PIXELS
-    base, starts, border_cols, excess = _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow)
+    base, starts, border_cols, patterns, excess = _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w,
+                                                                 oh, ow)
     last = o - 1
     for job in prange(n * oh * groups):
         g = job % groups
@@ -178,12 +216,13 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
         r = (job // groups) % oh
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
-        sums = np.empty((TILE_CHANNELS, stride), np.int32)
+        sums = np.empty((GROUP_CHANNELS, stride), np.int32)  # the job's rows, scaled out together at the end
         flat = sums.reshape(-1)
         for k0 in range(g0, g1, TILE_CHANNELS):
             # a short last tile repeats the last channel, so the inner loop has no branch
             k1, k2, k3 = min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
             k4, k5, k6, k7 = min(k0 + 4, last), min(k0 + 5, last), min(k0 + 6, last), min(k0 + 7, last)
+            row0 = (k0 - g0) * stride
             # WIDE is a compile-time constant: numba drops the a4–a7 code when it is False
             for tile in range(tiles):
                 col0 = tile * TILE_PIXELS
@@ -204,17 +243,16 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
                         a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
                         a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
                         a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
-                simd.store(flat, col0, a0)
-                simd.store(flat, stride + col0, a1)
-                simd.store(flat, 2 * stride + col0, a2)
-                simd.store(flat, 3 * stride + col0, a3)
+                simd.store(flat, row0 + col0, a0)
+                simd.store(flat, row0 + stride + col0, a1)
+                simd.store(flat, row0 + 2 * stride + col0, a2)
+                simd.store(flat, row0 + 3 * stride + col0, a3)
                 if WIDE:
-                    simd.store(flat, 4 * stride + col0, a4)
-                    simd.store(flat, 5 * stride + col0, a5)
-                    simd.store(flat, 6 * stride + col0, a6)
-                    simd.store(flat, 7 * stride + col0, a7)
-            _finish_row(sums, k0, min(k0 + TILE_CHANNELS, g1), i, r, base, starts, border_cols, excess, alpha,
-                        bias, out)
+                    simd.store(flat, row0 + 4 * stride + col0, a4)
+                    simd.store(flat, row0 + 5 * stride + col0, a5)
+                    simd.store(flat, row0 + 6 * stride + col0, a6)
+                    simd.store(flat, row0 + 7 * stride + col0, a7)
+        _finish_row(sums, g0, g1, i, r, base, starts, border_cols, patterns, excess, alpha, bias, out)
 
 
 resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)
