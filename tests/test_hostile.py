@@ -363,3 +363,23 @@ def test_model_over_2gb_with_external_data(tmp_path):
     code, _, err = run_cli("run", out, "--data", feeds, "-o", tmp_path / "outputs.npz")
     assert code == 0, err
     assert (sha256(src), sha256(tmp_path / "huge.onnx.data")) == digests
+
+
+def hostile_table() -> str:
+    """Markdown table: each hostile file × command → the one error line (for the closing note)."""
+    import tempfile
+
+    commands = REWRITES + ("run", "inspect")
+    rows = ["| input | " + " | ".join(commands) + " |", "|---|" + "---|" * len(commands)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        feeds = tmp / "feeds.npz"
+        np.savez(feeds, x=np.zeros((2, 4, 8, 8), np.float32))
+        for name, path in hostile_files(tmp).items():
+            cells = []
+            for command in commands:
+                code, _, err = run_cli(*command_args(command, path, tmp / "out.onnx", feeds))
+                message = err.strip().splitlines()[-1].removeprefix("onnxopt: error: ").replace(str(path), "FILE")
+                cells.append(f"exit {code}: {message}")
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

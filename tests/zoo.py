@@ -4,7 +4,7 @@ Most kinds are variations of one network, x [N, 4, 8, 8] → Conv 4→8 (3×3) �
 GlobalAveragePool → Flatten → Gemm 8→16 → Relu → Gemm 16→10, so that factor and binarize both find work.
 Weights are random; only structure matters here.
 
-    python tests/zoo.py          # prints the graph kind × command outcome table (runs the CLI)
+    python tests/zoo.py          # prints the graph kind × command and hostile file × command outcome tables
 """
 from __future__ import annotations
 
@@ -279,5 +279,8 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_graph_kinds import outcome_table
+    from test_hostile import hostile_table
 
     print(outcome_table())
+    print()
+    print(hostile_table())
