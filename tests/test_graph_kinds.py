@@ -147,8 +147,9 @@ def outcome_table() -> str:
             elif command in ("run", "inspect"):
                 cells.append("ok")
             else:
-                changed = [line for line in r["out"].splitlines() if " factored " in line or " lowered " in line
-                           or " folded " in line or " binarized " in line]
+                actions = {"factored", "binarized", "lowered", "folded"}
+                changed = [line for line in r["out"].splitlines()
+                           if actions & set(line.split()) and not line.startswith("total")]
                 skipped = [line for line in r["out"].splitlines() if "skipped:" in line or "left intact" in line]
                 cells.append(f"transformed {len(changed)}" + (f", left {len(skipped)}" if skipped else ""))
         rows.append(f"| {kind} | " + " | ".join(cells) + " |")
