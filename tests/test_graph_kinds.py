@@ -149,7 +149,7 @@ def outcome_table() -> str:
             else:
                 actions = {"factored", "binarized", "lowered", "folded"}
                 changed = [line for line in r["out"].splitlines()
-                           if actions & set(line.split()) and not line.startswith("total")]
+                           if actions & set(line.split()) and not line.startswith("total") and "skipped:" not in line]
                 skipped = [line for line in r["out"].splitlines() if "skipped:" in line or "left intact" in line]
                 cells.append(f"transformed {len(changed)}" + (f", left {len(skipped)}" if skipped else ""))
         rows.append(f"| {kind} | " + " | ".join(cells) + " |")
