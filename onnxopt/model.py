@@ -58,8 +58,14 @@ def check_model(model: onnx.ModelProto, what: str = "model") -> None:
             return  # the checker cannot take >2 GiB in memory; save_model checks the file instead
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise OnnxoptError(f"{what}: fails onnx.checker: {first}") from None
+        raise OnnxoptError(f"{what}: fails onnx.checker: {_one_line(str(exc))}") from None
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """A multi-line library message as one line (the checker splits its sentences over lines), the
+    ==> Context: trailer dropped."""
+    text = " ".join(message.split("==> Context:")[0].split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def default_output(input_path: str | os.PathLike, suffix: str) -> Path:
