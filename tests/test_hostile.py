@@ -281,7 +281,9 @@ def mutated_models(draw):
 FUZZ_CASES = {"count": 0}
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None,
+# CI runs the same 400 cases every time (derandomized); FUZZ_EXAMPLES=N explores N new random ones
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None, database=None,
+          derandomize="FUZZ_EXAMPLES" not in os.environ,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(model=mutated_models())
 def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factory):
@@ -291,10 +293,10 @@ def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factor
     digest = sha256(src)
     feeds = tmp / "feeds.npz"
     np.savez(feeds, x=np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
-    try:  # outputs must load in onnxruntime when the input does (when it does not, `run` must refuse)
-        onnxopt.session(model)
+    try:  # outputs must load in onnxruntime when the input runs (when it does not, `run` must refuse)
+        onnxopt.session(model).run(None, {"x": np.zeros((2, 4, 8, 8), np.float32)})
         runnable = True
-    except OnnxoptError:
+    except Exception:  # noqa: BLE001 - any failure: the mutation broke the model
         runnable = False
     for command in REWRITES + ("run", "inspect"):
         out = tmp / f"{command}.out"
