@@ -10,7 +10,7 @@ Layouts:
 - packed weights [kh, kw, channel_word, out_channel] (`packing.pack_weights`), one word broadcast to
   all eight pixel lanes.
 A padded tap reads a zero word and adds popcount(w) where the true contribution is 0; border pixels
-subtract that back (`tap_popcounts`), so padding stays exact zero.
+subtract that back (`_padding_terms`), so padding stays exact zero.
 
 The inner loop computes a tile of 8 output pixels (the vector lanes, `simd.vec8`) × 8 output channels (4
 with AVX2 only), one accumulator register each: per tap and 64 input channels, one input-vector load and
@@ -25,7 +25,6 @@ from numba import njit, prange
 from .. import convgeom
 from . import simd
 from .simd import popcount
-
 
 
 def _vector_popcount() -> bool:
