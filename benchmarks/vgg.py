@@ -10,6 +10,7 @@ within float32 rounding.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ def breakdown(lowered, batch: int, runs: int = 50) -> str:
 
     so = onnxopt.session_options()
     so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="onnxopt-profile-"), "vgg")
     sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     kernel, plain = [], bitconv.bit_conv
@@ -68,8 +70,10 @@ def breakdown(lowered, batch: int, runs: int = 50) -> str:
             sess.run(None, {"input": x})
     finally:
         bitconv.bit_conv = plain
-    with open(sess.end_profiling()) as f:
+    profile = sess.end_profiling()
+    with open(profile) as f:
         events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    shutil.rmtree(os.path.dirname(profile))
     bit = sum(e["dur"] for e in events if e["args"].get("op_name") == "BitConv") / runs / 1e3
     other = sum(e["dur"] for e in events if e["args"].get("op_name") != "BitConv") / runs / 1e3
     calls = sum(1 for e in events if e["args"].get("op_name") == "BitConv") // runs

@@ -212,15 +212,21 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 _TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
+# element types stored several to a byte: their raw_data length does not count elements
+_PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(onnx.TensorProto, name)}
+
+
 def _stored_elements(t: onnx.TensorProto) -> int | None:
-    """How many elements a tensor's data holds (None: external or unknown packing)."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
+    """How many elements a tensor's data holds (None: external, packed or an unknown element type)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type in _PACKED_TYPES:
+        return None
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    except (KeyError, ValueError):
         return None
     if t.HasField("raw_data"):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        if dtype.itemsize == 0 or t.data_type in (onnx.TensorProto.STRING,) or dtype.itemsize * 8 < 8:
-            return None
-        return len(t.raw_data) // dtype.itemsize
+        return None if t.data_type == onnx.TensorProto.STRING else len(t.raw_data) // dtype.itemsize
     count = sum(len(getattr(t, f)) for f in _TYPED_FIELDS)
     if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
         count //= 2
@@ -233,9 +239,6 @@ def check_tensors(model: onnx.ModelProto, what: str = "model") -> None:
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
                                                for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
     for t in tensors:
-        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or not onnx.TensorProto.DataType.Name(
-                t.data_type).isupper() or t.data_type == onnx.TensorProto.UNDEFINED:
-            continue
         stored, declared = _stored_elements(t), int(np.prod(t.dims, dtype=np.int64))
         if stored is not None and stored != declared:
             raise OnnxoptError(f"{what}: tensor '{t.name}' holds {stored} values but its shape "
