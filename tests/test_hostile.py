@@ -278,7 +278,12 @@ def mutated_models(draw):
     return model
 
 
-FUZZ_CASES = {"count": 0}
+@pytest.fixture(scope="module")
+def fuzz_runs():
+    """Counts the fuzz test's command runs and prints the total once (visible with -s)."""
+    runs = {"count": 0}
+    yield runs
+    print(f"\nfuzz: {runs['count']} command runs on mutated models, no traceback")
 
 
 # CI runs the same 400 cases every time (derandomized); FUZZ_EXAMPLES=N explores N new random ones
@@ -286,7 +291,7 @@ FUZZ_CASES = {"count": 0}
           derandomize="FUZZ_EXAMPLES" not in os.environ,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(model=mutated_models())
-def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factory):
+def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factory, fuzz_runs):
     tmp = tmp_path_factory.mktemp("fuzz")
     src = tmp / "m.onnx"
     src.write_bytes(model.SerializeToString())
@@ -301,7 +306,7 @@ def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factor
     for command in REWRITES + ("run", "inspect"):
         out = tmp / f"{command}.out"
         code, _, err = run_cli(*command_args(command, src, out, feeds))
-        FUZZ_CASES["count"] += 1
+        fuzz_runs["count"] += 1
         if code:
             assert_clean_refusal(code, err)
             assert not out.exists()
@@ -321,12 +326,6 @@ def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factor
                     onnxopt.session(new)
         assert sha256(src) == digest
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]
-
-
-def test_fuzz_case_count_reported(capsys):
-    """Runs after the fuzz test (file order) and prints how many command runs it made."""
-    with capsys.disabled():
-        print(f"\nfuzz: {FUZZ_CASES['count']} command runs on mutated models, no traceback")
 
 
 @pytest.mark.slow
