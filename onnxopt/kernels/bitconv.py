@@ -154,9 +154,9 @@ def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     patterns = np.empty(oh * ow, np.int64)
     count = 0
     for r in range(oh):
-        rows_valid = kh - _popcount_small(row_masks[row_ids[r]])
+        rows_valid = kh - popcount(np.uint64(row_masks[row_ids[r]]))
         for col in range(ow):
-            cols_valid = kw - _popcount_small(col_masks[col_ids[col]])
+            cols_valid = kw - popcount(np.uint64(col_masks[col_ids[col]]))
             base[r, col] = rows_valid * cols_valid * channels
             if row_ids[r] or col_ids[col]:
                 cols[count] = col
@@ -164,15 +164,6 @@ def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
                 count += 1
         starts[r + 1] = count
     return base, starts, cols[:count], patterns[:count], excess
-
-
-@njit(cache=True, nogil=True)
-def _popcount_small(mask):
-    count = 0
-    while mask:
-        count += mask & 1
-        mask >>= 1
-    return count
 
 
 @njit(cache=True, nogil=True, inline="always")
