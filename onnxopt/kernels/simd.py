@@ -1,7 +1,7 @@
 """Eight-lane uint64 vectors for numba kernels: a numba type backed by LLVM's <8 x i64>.
 
 numba vectorizes loops, but it cannot keep a block of accumulators in registers across a reduction
-loop (they live in heap arrays it must reload and store). A value of type `Vec8` is an SSA register
+loop (they live in heap arrays it must reload and store). A `vec8` value is an SSA register
 that LLVM lowers to one zmm register with AVX-512 (VPOPCNTQ) or two ymm registers with AVX2 (popcount
 through byte shuffles), so the kernel reads like scalar code and compiles to register-blocked SIMD.
 """
