@@ -30,7 +30,7 @@ def session_options(*, optimize: bool = True, threads: int | None = None):
     so.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business here
     so.register_custom_ops_library(ops.library_path())
     # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
-    # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → ~3x without it)
+    # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
