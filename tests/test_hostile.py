@@ -216,7 +216,9 @@ def test_wrong_feed_raises_in_python_and_never_aborts(feed, text):
 # ---- fuzzing: mutate valid models, run every command ----------------------------------------------------
 
 FUZZ_BASES = ["weights as initializers", "Conv + BatchNormalization", "Conv1d", "IR 3, opset 9",
-              "depthwise, grouped and 1x1 convs", "Gemm feeding Softmax"]
+              "depthwise, grouped and 1x1 convs", "Gemm feeding Softmax", "weights as Constant nodes",
+              "weights behind Reshape/ConstantOfShape chains", "Gemm/Conv/MatMul in If/Loop/Scan bodies",
+              "symbolic batch and spatial dims"]
 DTYPES = [onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
           onnx.TensorProto.BOOL, onnx.TensorProto.STRING]
 
@@ -228,7 +230,8 @@ def mutated_models(draw):
     for _ in range(draw(st.integers(1, 3))):
         what = draw(st.sampled_from(["drop_attr", "alter_attr", "add_attr", "init_dims", "init_dtype",
                                      "input_dims", "input_dtype", "drop_input", "swap_inputs", "op_type",
-                                     "opset", "ir", "drop_node", "weight_values"]))
+                                     "opset", "ir", "drop_node", "weight_values", "constant_dims",
+                                     "drop_output", "rename_node", "domain"]))
         node = g.node[draw(st.integers(0, len(g.node) - 1))]
         if what == "drop_attr" and node.attribute:
             del node.attribute[draw(st.integers(0, len(node.attribute) - 1))]
@@ -275,6 +278,18 @@ def mutated_models(draw):
             model.ir_version = draw(st.integers(0, 14))
         elif what == "drop_node" and len(g.node) > 1:
             del g.node[draw(st.integers(0, len(g.node) - 1))]
+        elif what == "constant_dims":
+            constants = [a.t for n in g.node if n.op_type == "Constant" for a in n.attribute
+                         if a.type == onnx.AttributeProto.TENSOR]
+            if constants:
+                constants[draw(st.integers(0, len(constants) - 1))].dims[:] = draw(
+                    st.lists(st.integers(0, 9), min_size=0, max_size=4))
+        elif what == "drop_output" and len(g.output) > 0:
+            del g.output[draw(st.integers(0, len(g.output) - 1))]
+        elif what == "rename_node":
+            node.name = draw(st.sampled_from(["", g.node[0].name, "a/b", "x" * 300]))
+        elif what == "domain":
+            node.domain = draw(st.sampled_from(["com.onnxopt", "ai.onnx.ml", "unknown.domain"]))
     return model
 
 
