@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import onnxopt
-from common import conv_model, isa_label, paired_ms, median_ms
+from common import conv_model, isa_label, kernel_timer, median_ms, paired_ms
 from onnxopt.kernels import AVX2_ONLY_ENV
 
 ROWS = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -23,27 +23,11 @@ GOAL = 5.0
 
 def bridge_overhead_ms():
     """Session run time minus the kernel's own time, for the 1x64x56x56 layer at batch 1."""
-    import time
-
-    from onnxopt.kernels import bitconv
-
-    lowered = onnxopt.binarize_convolution(conv_model(64, 64))
-    sess = onnxopt.session(lowered)
+    sess = onnxopt.session(onnxopt.binarize_convolution(conv_model(64, 64)))
     x = np.random.default_rng(0).standard_normal((1, 64, 56, 56)).astype(np.float32)
-    kernel_times, plain = [], bitconv.bit_conv
-
-    def timed(*args):
-        t = time.perf_counter()
-        out = plain(*args)
-        kernel_times.append((time.perf_counter() - t) * 1e3)
-        return out
-
-    bitconv.bit_conv = timed
-    try:
+    with kernel_timer() as seconds:
         total = median_ms(lambda: sess.run(None, {"x": x}), repeat=200)
-    finally:
-        bitconv.bit_conv = plain
-    return total, float(np.median(kernel_times))
+    return total, float(np.median(seconds)) * 1e3
 
 
 def main(batches=(1, 8)):

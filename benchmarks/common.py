@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: timing and tiny model builders."""
+import contextlib
 import statistics
 import time
 
@@ -35,6 +36,27 @@ def paired_ms(fa, fb, rounds=7, block=15):
                 fn()
                 times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ta), statistics.median(tb)
+
+
+@contextlib.contextmanager
+def kernel_timer():
+    """Times every call of the numba kernel behind BitConv (onnxopt.kernels.bitconv.bit_conv) while active;
+    yields the list of seconds, one per call."""
+    from onnxopt.kernels import bitconv
+
+    seconds, plain = [], bitconv.bit_conv
+
+    def timed(*args):
+        t = time.perf_counter()
+        out = plain(*args)
+        seconds.append(time.perf_counter() - t)
+        return out
+
+    bitconv.bit_conv = timed
+    try:
+        yield seconds
+    finally:
+        bitconv.bit_conv = plain
 
 
 def isa_label():

@@ -20,7 +20,7 @@ import onnx
 
 import onnxopt
 import onnxopt.api
-from common import isa_label, paired_ms, vgg_model
+from common import isa_label, kernel_timer, paired_ms, vgg_model
 
 GOAL = 3.0
 
@@ -45,31 +45,16 @@ print(json.dumps({{"imports": base, "peak": status('VmHWM')}}))
 def breakdown(lowered, batch: int, runs: int = 50) -> str:
     """Where a lowered run's time goes: onnxruntime's profiler times each node, a wrapper times the numba
     kernel inside each BitConv; the BitConv node time minus the kernel time is the custom-op bridge."""
-    import time
-
     import onnxruntime as ort
-
-    from onnxopt.kernels import bitconv
 
     so = onnxopt.session_options()
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="onnxopt-profile-"), "vgg")
     sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-    kernel, plain = [], bitconv.bit_conv
-
-    def timed(*args):
-        t = time.perf_counter()
-        out = plain(*args)
-        kernel.append(time.perf_counter() - t)
-        return out
-
-    bitconv.bit_conv = timed
-    try:
+    with kernel_timer() as kernel:
         for _ in range(runs):
             sess.run(None, {"input": x})
-    finally:
-        bitconv.bit_conv = plain
     profile = sess.end_profiling()
     with open(profile) as f:
         events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]

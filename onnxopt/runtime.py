@@ -20,22 +20,27 @@ def _uses_custom_ops(model: onnx.ModelProto) -> bool:
     return any(n.domain == CUSTOM_DOMAIN for n in model.graph.node)
 
 
-def session_options(*, optimize: bool = True, threads: int | None = None):
-    """onnxruntime.SessionOptions with the com.onnxopt custom ops registered."""
+def _plain_options(optimize: bool, threads: int | None):
     import onnxruntime as ort
-
-    from . import ops  # registers the ops with onnxruntime-extensions on first import
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's business here
-    so.register_custom_ops_library(ops.library_path())
-    # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
-    # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    return so
+
+
+def session_options(*, optimize: bool = True, threads: int | None = None):
+    """onnxruntime.SessionOptions with the com.onnxopt custom ops registered."""
+    from . import ops  # registers the ops with onnxruntime-extensions on first import
+
+    so = _plain_options(optimize, threads)
+    so.register_custom_ops_library(ops.library_path())
+    # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
+    # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -62,12 +67,7 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
     if _uses_custom_ops(proto):
         so = session_options(optimize=optimize, threads=threads)
     else:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if not optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
+        so = _plain_options(optimize, threads)
     try:
         sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:

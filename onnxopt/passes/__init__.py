@@ -159,16 +159,20 @@ def _domain(node: onnx.NodeProto) -> str:
     return "" if node.domain == "ai.onnx" else node.domain
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of a control-flow node (If branches, Loop/Scan bodies); empty for other nodes."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
 def _report_subgraph_nodes(graph, rules, report):
     for node in graph.node:
-        for attr in node.attribute:
-            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subgraphs:
-                for inner in sub.node:
-                    if (_domain(inner), inner.op_type) in rules:
-                        report.layers.append(LayerReport(
-                            name=inner.name or inner.op_type, op_type=inner.op_type,
-                            reason=f"inside the body of {node.op_type} '{node.name}': left intact"))
+        for sub in subgraphs(node):
+            for inner in sub.node:
+                if (_domain(inner), inner.op_type) in rules:
+                    report.layers.append(LayerReport(
+                        name=inner.name or inner.op_type, op_type=inner.op_type,
+                        reason=f"inside the body of {node.op_type} '{node.name}': left intact"))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -200,9 +204,8 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     used = {o.name for o in graph.output}
     for node in graph.node:
         used.update(node.input)
-        for attr in node.attribute:  # subgraphs may read outer-scope names
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used |= _names_read(sub)
+        for sub in subgraphs(node):  # subgraphs may read outer-scope names
+            used |= _names_read(sub)
     return used
 
 

@@ -13,16 +13,12 @@ from onnx import helper
 
 from ..model import CUSTOM_DOMAIN
 from ..report import LayerReport
-from . import GraphContext, Rewrite
+from . import GraphContext, Rewrite, subgraphs
 
 
 def _readers(graph: onnx.GraphProto, tensor: str) -> int:
-    count = sum(list(n.input).count(tensor) for n in graph.node)
-    for node in graph.node:
-        for attr in node.attribute:  # a subgraph reading the value counts as a reader too
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                count += _readers(sub, tensor)
-    return count
+    """How many node inputs read `tensor`, in subgraphs too."""
+    return sum(list(n.input).count(tensor) + sum(_readers(sub, tensor) for sub in subgraphs(n)) for n in graph.node)
 
 
 class BatchNormRule:
