@@ -31,7 +31,7 @@ def peak_rss_mb(path: str, batch: int) -> dict:
     onnxruntime-extensions also imports torch when torch is installed, as in a dev environment)."""
     code = f"""
 import json, numpy as np, onnxopt
-from onnxopt import ops
+
 def status(key): return int(dict(l.split(':', 1) for l in open('/proc/self/status'))[key].split()[0]) / 1024
 base = status('VmRSS')
 sess = onnxopt.session({path!r})

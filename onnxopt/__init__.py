@@ -1,16 +1,19 @@
 """onnxopt: make ONNX models cheaper — low-rank dense layers, binarized convolutions.
 
-Pipeline: load (model) → select → rewrite (passes/*) → [train hook] → lower → save.
-Names follow CNTK netopt. Heavy imports (onnxruntime, numba) happen only when used.
+Pipeline (pipeline.py): load (model) → select → rewrite (passes/*) → [refit, train (train/*)] → lower
+→ check → gate → save. The API (api.py) has one function per command; netopt.py keeps CNTK netopt's
+names. Heavy imports (onnxruntime, numba) happen only when used.
 """
 from .errors import GateFailed, OnnxoptError, UsageError
 
 __version__ = "0.1.0"
 
 _API = {
-    "factor_dense": "api", "factor_with_report": "api",
-    "binarize_convolution": "api", "convert_to_binary_convolution": "api",
-    "convert_to_native_binary_convolution": "api", "binarize_with_report": "api", "lower_with_report": "api",
+    "factor": "api", "binarize": "api", "lower": "api", "inspect": "api", "run": "api", "check": "api",
+    "compare": "api",
+    "factor_dense": "netopt", "binarize_convolution": "netopt", "convert_to_binary_convolution": "netopt",
+    "convert_to_native_binary_convolution": "netopt", "factor_with_report": "netopt",
+    "binarize_with_report": "netopt", "lower_with_report": "netopt",
     "session": "runtime", "session_options": "runtime",
     "load_model": "model", "save_model": "model",
 }

@@ -1,91 +1,73 @@
-"""The public Python API; the CLI is a thin layer over these functions.
+"""The public Python API: one function per command. The CLI is a thin layer over these functions.
 
-Each `*_with_report` function returns (new model, Report); the netopt-named functions return the
-model alone. The input model is never modified.
+`factor`, `binarize` and `lower` take a model (a ModelProto or a path) and the command's options as
+keywords, exactly the CLI's long option names with '-' → '_' (`rank="0.6"`, `skip=["out"]`,
+`check=16`, `max_error=0.5`, `output="small.onnx"`), and return (new model, Report). The input model is
+never modified. Validation lives in `options`, so a bad keyword here fails with the CLI's message.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import os
+from typing import Any
 
 import numpy as np
 import onnx
 
-from . import linalg
-from .errors import UsageError
-from .passes import Progress, apply_rules, candidate_names
-from .select import matches
-from .passes.factor import RULES as FACTOR_RULES
-from .passes.factor import FactorOptions
+from . import options as opt
+from . import pipeline
+from .errors import GateFailed, OnnxoptError, UsageError
+from .passes import Progress
 from .report import Report
-from .select import Selection
+
+Model = onnx.ModelProto | str | os.PathLike
 
 
-def factor_with_report(model: onnx.ModelProto, *, rank: str | float | int | None = None, energy: float | None = None,
-                       rank_for: Iterable[tuple[str, str | float | int]] = (), only: Iterable[str] = (),
-                       skip: Iterable[str] = (), projection_function: Callable | None = None,
-                       filter_function: Callable | None = None, factor_function: Callable | None = None,
-                       calibration: dict[str, np.ndarray] | None = None, allow_growth: bool = False,
-                       train_function: Callable | None = None, progress: Progress | None = None,
-                       seed: int = 0) -> tuple[onnx.ModelProto, Report]:
-    """Replace Gemm / MatMul(X, const W) by two MatMuls of rank k. See `onnxopt factor --help`.
+def _source(model: Model) -> tuple[onnx.ModelProto, list]:
+    from .model import load_model_and_files
 
-    With `calibration` (inputs keyed by graph input name) the factors minimize the layer's output error on
-    those inputs (whitened SVD) instead of the weight error.
-    """
-    whitening = _dense_grams(model, calibration) if calibration is not None else None
-    opts = FactorOptions(
-        rank=linalg.RankSpec.parse(rank) if rank is not None else None,
-        energy=linalg.parse_energy(energy) if energy is not None else None,
-        rank_for=[(p, linalg.RankSpec.parse(r)) for p, r in rank_for],
-        projection_function=projection_function, factor_function=factor_function, whitening=whitening,
-        allow_growth=allow_growth,
-        seed=seed)
-    if opts.rank is None and opts.energy is None and opts.projection_function is None and not opts.rank_for:
-        opts.rank = linalg.RankSpec(fraction=0.5)
-    names = candidate_names(model, FACTOR_RULES)
-    for pattern, _ in opts.rank_for:
-        if not any(matches(n, pattern) for n in names):
-            raise UsageError(f"--rank-for pattern '{pattern}' matches no Gemm/MatMul layer")
-    selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
-    factored, report = apply_rules(model, FACTOR_RULES, selection, command="factor", options=opts, progress=progress)
-    if train_function is not None:
-        from .hooks import run_training
-
-        factored = run_training(train_function, factored)
-    return factored, report
+    if isinstance(model, onnx.ModelProto):
+        return model, []
+    return load_model_and_files(model)
 
 
-def _dense_grams(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from .calibrate import dense_grams
-    from .model import unique_node_names
-
-    layers = {}
-    for node, name in zip(model.graph.node, unique_node_names(model.graph)):
-        if node.op_type in ("Gemm", "MatMul") and node.domain in ("", "ai.onnx"):
-            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-            layers[name] = (node.input[0], trans_a)
-    return dense_grams(model, calibration, layers)
+def _command(command: str, model: Model, progress: Progress | None, options: dict[str, Any]):
+    groups = opt.parse(command, options)  # usage errors before any file is read
+    source, protected = _source(model)
+    steps = pipeline.build(command, source, groups, protected=protected, progress=progress)
+    return pipeline.run(source, steps, Report(command=command))
 
 
-def factor_dense(model: onnx.ModelProto, projection_function: Callable | None = None,
-                 filter_function: Callable | None = None, factor_function: Callable | None = None,
-                 **options) -> onnx.ModelProto:
-    """netopt's factor_dense: the factored model (default rank: half of min(m, n))."""
-    return factor_with_report(model, projection_function=projection_function, filter_function=filter_function,
-                              factor_function=factor_function, **options)[0]
+def factor(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+    """Gemm / MatMul(X, const W) → two MatMuls of rank k: W (m×n) ≈ U (m×k)·V (k×n).
+    With `calibration` (.npz path or dict keyed by input name) the factors minimize each layer's output
+    error on those inputs (whitened SVD) instead of the weight error."""
+    return _command("factor", model, progress, options)
 
 
-def inspect(model: onnx.ModelProto) -> list[dict]:
-    """Every Gemm / MatMul / Conv with its weight shape, params, FLOPs per sample, and each pass's verdict."""
-    from .passes import GraphContext
-    from .passes.binarize import RULES as BINARIZE_RULES
+def binarize(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+    """Conv → BinaryConv ('transform'), [refit α/bias on calibration data], [train], → BitConv (stage 'all')."""
+    return _command("binarize", model, progress, options)
 
-    ctx = GraphContext.build(model)
-    passes = {"factor": FACTOR_RULES, "binarize": BINARIZE_RULES}
+
+def lower(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+    """BinaryConv (or its --emulate form) → BitConv: weights packed to bits for the native kernel, then a
+    BatchNormalization that follows a BitConv folded into its α and bias (`keep_batchnorm=True`: not)."""
+    return _command("lower", model, progress, options)
+
+
+def inspect(model: Model) -> list[dict]:
+    """Every layer a rewrite pass handles (its registry), with weight shape, params, FLOPs per sample, and
+    each user-facing pass's verdict from that pass's own check."""
+    from .passes import GraphContext, binarize as binarize_pass, factor as factor_pass, op_key
+
+    source, _ = _source(model)
+    ctx = GraphContext(source)
+    passes = {"factor": factor_pass.rules(opt.FactorOptions(rank="0.5")),
+              "binarize": binarize_pass.rules(opt.BinarizeOptions())}
     rows = []
-    for node in model.graph.node:
-        key = ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
-        if key not in {("", "Gemm"), ("", "MatMul"), ("", "Conv")}:
+    for node in source.graph.node:
+        key = op_key(node)
+        if not any(key in rules for rules in passes.values()):
             continue
         w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
         row = {"name": ctx.name_of(node), "op_type": node.op_type,
@@ -112,74 +94,50 @@ def _flops(node, w, ctx) -> int:
     return int(2 * w.size * rows)
 
 
-def binarize_with_report(model: onnx.ModelProto, *, only: Iterable[str] = (), skip: Iterable[str] = (),
-                         filter_function: Callable | None = None, scale: str = "channel", stage: str = "all",
-                         calibration: dict[str, np.ndarray] | None = None, train_function: Callable | None = None,
-                         emulate: bool = False, fold_batch_norm: bool = True,
-                         progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
-    """Conv → BinaryConv (stage 'transform'), [refit α/bias on calibration data], [train], → BitConv ('all')."""
-    from .model import with_custom_domain
-    from .passes.binarize import RULES as BINARIZE_RULES
-    from .passes.binarize import BinarizeOptions
+def _feeds(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from . import runtime
 
-    if stage not in ("transform", "all"):
-        raise UsageError(f"invalid stage '{stage}': choose transform or all")
-    selection = Selection(only=list(only), skip=list(skip), filter_function=filter_function)
-    transformed, report = apply_rules(model, BINARIZE_RULES, selection, command="binarize",
-                                      options=BinarizeOptions(scale=scale), progress=progress)
-    if report.changed:
-        with_custom_domain(transformed)
-    if calibration is not None and report.changed:
-        from .calibrate import refit_binary
-
-        transformed = refit_binary(transformed, calibration)
-    if train_function is not None:
-        from .hooks import run_training
-
-        transformed = run_training(train_function, transformed)
-    if emulate:  # standard ops only, for external trainers; `lower` reads this form back
-        from .passes.emulate import RULES as EMULATE_RULES
-
-        return apply_rules(transformed, EMULATE_RULES, Selection(), command="emulate")[0], report
-    if stage == "transform":
-        return transformed, report
-    lowered, lower_report = lower_with_report(transformed, fold_batch_norm=fold_batch_norm)
-    by_name = {layer.name: layer for layer in lower_report.changed}
-    for layer in report.changed:
-        if layer.name in by_name:
-            layer.bytes_after = by_name[layer.name].bytes_after
-    report.layers += [layer for layer in lower_report.changed if layer.action == "folded"]
-    return lowered, report
+    return {k: np.asarray(v) for k, v in data.items()} if isinstance(data, dict) else runtime.load_feeds(data, model)
 
 
-def lower_with_report(model: onnx.ModelProto, *, fold_batch_norm: bool = True,
-                      progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
-    """BinaryConv → BitConv: pack weights to bits for the native kernel; then fold a BatchNormalization
-    that follows a BitConv into its α and bias (equal up to float32 rounding; off: bit-identical)."""
-    from .passes.fold import RULES as FOLD_RULES
-    from .passes.lower import RULES as LOWER_RULES
+def run(model: Model, data) -> dict[str, np.ndarray]:
+    """Outputs of any model (plain, transformed, lowered) on `data` (.npz path or dict keyed by input name)."""
+    from . import runtime
 
-    lowered, report = apply_rules(model, LOWER_RULES, Selection(), command="lower", progress=progress)
-    if fold_batch_norm and report.changed:
-        lowered, folds = apply_rules(lowered, FOLD_RULES, Selection(), command="fold")
-        report.layers += folds.layers
-        report.warnings += folds.warnings
-    return lowered, report
+    source, _ = _source(model)
+    feeds = _feeds(data, source)
+    # from the file when there is one: no 2 GiB re-serialization
+    return runtime.run(model if not isinstance(model, onnx.ModelProto) else source, feeds)
 
 
-def convert_to_binary_convolution(model: onnx.ModelProto, filter_function: Callable | None = None,
-                                  **options) -> onnx.ModelProto:
-    """netopt's name: Conv → trainable BinaryConv."""
-    return binarize_with_report(model, filter_function=filter_function, stage="transform", **options)[0]
+def check(reference: Model, candidate: Model, *, data=None, samples: int = 8) -> dict:
+    """Both models in onnxruntime with graph optimizations off: max abs/rel output difference per output,
+    on `data` or on `samples` random inputs."""
+    from . import runtime
+
+    a, b = _source(reference)[0], _source(candidate)[0]
+    feeds = _feeds(data, a) if data is not None else runtime.random_feeds(a, samples)
+    return runtime.compare_outputs(a, b, feeds)
 
 
-def convert_to_native_binary_convolution(model: onnx.ModelProto) -> onnx.ModelProto:
-    """netopt's name: BinaryConv → native bit-packed BitConv."""
-    return lower_with_report(model)[0]
+def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy: float | None = None,
+            max_drop: float | None = None) -> dict:
+    """A vs B on `data` (.npz): top-1 agreement, accuracy (with labels), output differences, latency.
+    Raises GateFailed when B's accuracy is below `min_accuracy` or drops more than `max_drop`."""
+    from . import runtime
+
+    for name, value in (("--min-accuracy", min_accuracy), ("--max-drop", max_drop)):
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"invalid {name} {value}: give a fraction in [0, 1]")
+    result = runtime.compare_models(_source(a)[0], _source(b)[0], data, labels=labels)
+    acc_a, acc_b = result["A"]["accuracy"], result["B"]["accuracy"]
+    if (min_accuracy is not None or max_drop is not None) and acc_b is None:
+        raise UsageError("--min-accuracy / --max-drop need labels in --data (--labels KEY)")
+    if min_accuracy is not None and acc_b < min_accuracy:
+        raise GateFailed(f"B's accuracy {acc_b:.4f} is below --min-accuracy {min_accuracy}", result)
+    if max_drop is not None and acc_a - acc_b > max_drop:
+        raise GateFailed(f"B loses {acc_a - acc_b:.4f} accuracy, more than --max-drop {max_drop}", result)
+    return result
 
 
-def binarize_convolution(model: onnx.ModelProto, train_function: Callable | None = None,
-                         filter_function: Callable | None = None, **options) -> onnx.ModelProto:
-    """netopt's name: transform, train with `train_function(model) -> model` if given, lower."""
-    return binarize_with_report(model, train_function=train_function, filter_function=filter_function,
-                                **options)[0]
+__all__ = ["factor", "binarize", "lower", "inspect", "run", "check", "compare", "OnnxoptError"]

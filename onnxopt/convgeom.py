@@ -50,6 +50,18 @@ class Geometry:
         g = [int(v) for v in g]
         return cls(g[0], (g[1], g[2]), (g[3], g[4], g[5], g[6]), (g[7], g[8]), g[9], g[10])
 
+    def conv_attributes(self) -> dict:
+        """The ONNX Conv attributes of this geometry (for the standard-ops forms of the custom ops)."""
+        one_d = self.spatial_rank == 1
+        attrs = {"strides": [self.strides[1]] if one_d else list(self.strides),
+                 "dilations": [self.dilations[1]] if one_d else list(self.dilations)}
+        if self.auto_pad:
+            attrs["auto_pad"] = {code: name for name, code in AUTO_PAD.items()}[self.auto_pad]
+        else:
+            top, left, bottom, right = self.pads
+            attrs["pads"] = [left, right] if one_d else [top, left, bottom, right]
+        return attrs
+
     def resolve(self, height: int, width: int, kh: int, kw: int) -> tuple[int, int, int, int]:
         """(pad_top, pad_left, out_h, out_w) for an input of this size, auto_pad applied."""
         pt, oh = resolve_axis(height, kh, self.strides[0], self.dilations[0], self.pads[0], self.pads[2], self.auto_pad)
@@ -68,3 +80,32 @@ def resolve_axis(size, k, s, d, begin, end, auto_pad):
     elif auto_pad == 3:
         begin = end = 0
     return begin, (size + begin + end - span) // s + 1
+
+
+# Bounds for geometry read from a file: far beyond any real conv, small enough that no index overflows
+MAX_STEP = 1 << 12  # strides and dilations
+MAX_PAD = 1 << 16
+
+
+def geometry_problem(g: np.ndarray) -> str | None:
+    """Why an int64 geometry vector cannot be given to a kernel, or None. Checked wherever a geometry comes
+    from outside this package's own writer (a file, a training hook)."""
+    g = np.asarray(g)
+    if g.dtype != np.int64 or g.shape != (LENGTH,):
+        return f"geometry must be {LENGTH} int64 values, got {g.dtype} of shape {list(g.shape)}"
+    rank, sh, sw, pt, pl, pb, pr, dh, dw, auto_pad, channels = (int(v) for v in g)
+    if rank not in (1, 2):
+        return f"geometry spatial rank {rank}: only 1 and 2 are supported"
+    if not (1 <= sh <= MAX_STEP and 1 <= sw <= MAX_STEP):
+        return f"strides ({sh}, {sw}) out of range 1..{MAX_STEP}"
+    if not (1 <= dh <= MAX_STEP and 1 <= dw <= MAX_STEP):
+        return f"dilations ({dh}, {dw}) out of range 1..{MAX_STEP}"
+    if not all(0 <= p <= MAX_PAD for p in (pt, pl, pb, pr)):
+        return f"pads ({pt}, {pl}, {pb}, {pr}) out of range 0..{MAX_PAD}"
+    if auto_pad not in AUTO_PAD.values():
+        return f"auto_pad code {auto_pad} is not one of {sorted(AUTO_PAD.values())}"
+    if rank == 1 and (sh, dh, pt, pb) != (1, 1, 0, 0):
+        return "a 1-D geometry must have height stride, dilation and pads of (1, 1, 0, 0)"
+    if channels < 1:
+        return f"geometry channels {channels} must be >= 1"
+    return None

@@ -14,4 +14,9 @@ class UsageError(OnnxoptError):
 
 
 class GateFailed(OnnxoptError):
-    """A CI gate (--max-error, --min-accuracy, ...) was not met."""
+    """A CI gate (--max-error, --strict, --max-drop, ...) was not met. `report` is the run's report so far,
+    so a caller (the CLI) can still show what was measured."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -7,6 +7,7 @@ and opsets, and only ever adds the custom domain's opset import.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,21 +17,31 @@ from onnx import numpy_helper
 
 from .errors import OnnxoptError, UsageError
 
-CUSTOM_DOMAIN = "com.onnxopt"
-CUSTOM_OPSET = 1
 # protobuf refuses to serialize a message over 2 GiB: such models need external data
 PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in the .onnx file
+# Constant chains (ConstantOfShape, Cast, ...) are folded only when a rewrite asks for a weight, and only
+# up to this size: a 16 KB file can otherwise ask for gigabytes
+MAX_FOLDED_BYTES = 1 << 30
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file (external data included) or raise OnnxoptError saying why not."""
+    return load_model_and_files(path)[0]
+
+
+def load_model_and_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model and the files it was read from (the .onnx and its external-data files): what a save
+    must never overwrite."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        files = [path] + [path.parent / loc for loc in _external_locations(model)]
+        onnx.load_external_data_for_model(model, str(path.parent))
     except PermissionError:
         raise OnnxoptError(f"{path}: permission denied") from None
     except Exception as exc:  # protobuf's DecodeError, missing external data, ...
@@ -40,7 +51,25 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxoptError(f"{path}: not an ONNX model (no graph found)")
     check_model(model, what=str(path))
     check_tensors(model, what=str(path))
-    return model
+    return model, files
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy: rewrites work on their own copy, the caller's model is never modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def over_protobuf_limit(model: onnx.ModelProto) -> bool:
@@ -74,31 +103,46 @@ def default_output(input_path: str | os.PathLike, suffix: str) -> Path:
     return p.with_name(f"{p.stem}.{suffix}.onnx")
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
-               external_data: bool = False) -> Path:
-    """Check and write `model` atomically. External data goes to `<name>.data` beside it."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise UsageError(f"{path}: exists; pass --force to overwrite")
+def _check_target(path: Path, force: bool, protected: list[Path]) -> None:
+    """The rules for every file a save replaces: never one we read from, never a non-regular file,
+    an existing one only with --force."""
+    for source in protected:
+        try:
+            same = path.exists() and source.exists() and os.path.samefile(path, source)
+        except OSError:
+            same = False
+        if same:
+            raise UsageError(f"{path}: is the input model (or one of its data files); write to another path")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path}: exists and is not a regular file; refusing to replace it")
+    if path.exists() and not force:
+        raise UsageError(f"{path}: exists; pass --force to overwrite")
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
+               external_data: bool = False, protected: list[Path] = ()) -> Path:
+    """Check and write `model` atomically. External data goes to `<name>.data` beside it; both files
+    follow the same rules (`_check_target`), and `protected` (the input's files) are never replaced."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{folder}: output folder does not exist")
     external_data = external_data or over_protobuf_limit(model)
+    data_name = path.name + ".data"
+    _check_target(path, force, list(protected))
+    if external_data:
+        _check_target(folder / data_name, force, list(protected))
     check_model(model, what="output model")
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder)
     except OSError as exc:
         raise OnnxoptError(f"{folder}: cannot write here ({exc.strerror})") from None
-    data_name = path.name + ".data"
     try:
         tmp_path = Path(tmp_dir) / path.name
         if external_data:
-            onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            # saving converted the caller's tensors to external references: read them back in
-            onnx.load_external_data_for_model(model, tmp_dir)
+            _save_external(model, tmp_path, data_name)
             os.replace(Path(tmp_dir) / data_name, folder / data_name)
         else:
             onnx.save_model(model, str(tmp_path))
@@ -106,63 +150,100 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     except OSError as exc:
         raise OnnxoptError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from None
     finally:
-        for leftover in Path(tmp_dir).glob("*"):
-            leftover.unlink()
-        os.rmdir(tmp_dir)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
-def with_custom_domain(model: onnx.ModelProto) -> None:
-    """Add the com.onnxopt opset import (once); IR version and other opsets stay as they are."""
-    if not any(o.domain == CUSTOM_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(CUSTOM_DOMAIN, CUSTOM_OPSET))
+def _save_external(model: onnx.ModelProto, tmp_path: Path, data_name: str) -> None:
+    """Write the model with its large tensors in `data_name` beside `tmp_path`.
+
+    Written by hand around onnx's writer because onnx.save_model(save_as_external_data=True) checks
+    whether the data file exists relative to the *current directory*, not the model's folder."""
+    from onnx.external_data_helper import _get_initializer_tensors, set_external_data
+
+    for tensor in _get_initializer_tensors(model):
+        if tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        if not tensor.HasField("raw_data"):
+            array = numpy_helper.to_array(tensor)
+            if array.nbytes < EXTERNAL_MIN_BYTES:
+                continue
+            tensor.raw_data = array.tobytes()
+            for name in _TYPED_FIELDS:
+                tensor.ClearField(name)
+        if len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            set_external_data(tensor, data_name)
+    onnx.save_model(model, str(tmp_path))
+    # writing moved the caller's tensor data out to the file: read it back in
+    onnx.load_external_data_for_model(model, str(tmp_path.parent))
 
 
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Every tensor of the graph whose value is known without running it.
+class Constants:
+    """The tensors of a graph whose value is known without running it, computed on request.
 
-    Sources: initializers that are not overridable graph inputs, `Constant` nodes, and
-    `ConstantOfShape` / `Identity` / `Cast` / `Reshape` chains over those (exporters emit all of them).
+    Sources: initializers (also those listed among the graph inputs, as onnxruntime's own optimizers
+    treat them), `Constant` nodes, and `ConstantOfShape` / `Identity` / `Cast` / `Reshape` / `Transpose`
+    chains over those (exporters emit all of them). Nothing is folded until asked for, so constants that
+    feed no weight cost nothing; a fold that would exceed MAX_FOLDED_BYTES is refused.
     """
-    # Initializers listed among the graph inputs (IR < 4, or exported with keep_initializers_as_inputs)
-    # are treated as weights too, as onnxruntime's own graph optimizers do.
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        try:
-            folded = _fold(node, values)
-        except Exception:  # a malformed constant is simply not a known constant
-            folded = None
-        if folded is not None and node.output:
-            values[node.output[0]] = folded
-    return values
 
+    FOLDABLE = ("Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose")
 
-def _fold(node: onnx.NodeProto, values: dict[str, np.ndarray]) -> np.ndarray | None:
-    if node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type == "Constant":
-        attr = node.attribute[0] if node.attribute else None
-        if attr is None:
+    def __init__(self, graph: onnx.GraphProto, base_dir: str = ""):
+        self._base_dir = base_dir  # where external data lives, for a graph loaded without it
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._producers = {o: n for n in graph.node for o in n.output if n.op_type in self.FOLDABLE
+                           and n.domain in ("", "ai.onnx")}
+        self._values: dict[str, np.ndarray | None] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self._values:
+            self._values[name] = self._compute(name, depth=0)
+        return self._values[name]
+
+    def _compute(self, name: str, depth: int) -> np.ndarray | None:
+        if name in self._initializers:
+            return numpy_helper.to_array(self._initializers[name], self._base_dir)
+        node = self._producers.get(name)
+        if node is None or depth > 64 or node.output[0] != name:
             return None
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        return np.array(onnx.helper.get_attribute_value(attr))
-    inputs = [values.get(i) for i in node.input]
-    if any(v is None for v in inputs):
-        return None
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        inputs = []
+        for i in node.input:
+            value = self._values[i] if i in self._values else self._compute(i, depth + 1)
+            self._values[i] = value
+            if value is None:
+                return None
+            inputs.append(value)
+        try:
+            return _fold(node, inputs, name)
+        except OnnxoptError:
+            raise
+        except Exception:  # a malformed constant is simply not a known constant
+            return None
+
+
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], name: str) -> np.ndarray | None:
+    attrs = node_attributes(node)
+    if node.op_type == "Constant":
+        if len(attrs) != 1:
+            return None
+        key, value = next(iter(attrs.items()))
+        return numpy_helper.to_array(value) if key == "value" else np.array(value)
     if node.op_type == "ConstantOfShape":
         fill = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
-        return np.full(tuple(int(d) for d in inputs[0]), fill.reshape(-1)[0], dtype=fill.dtype)
+        shape = tuple(int(d) for d in inputs[0])
+        size = int(np.prod(shape, dtype=np.float64)) * fill.dtype.itemsize
+        if size > MAX_FOLDED_BYTES:
+            raise OnnxoptError(f"constant '{name}' (ConstantOfShape {list(shape)}) would take {size:,} bytes; "
+                               f"onnxopt folds constants up to {MAX_FOLDED_BYTES:,} bytes")
+        return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
     if node.op_type == "Identity":
         return inputs[0]
     if node.op_type == "Cast":
         return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
     if node.op_type == "Reshape":
         return inputs[0].reshape(tuple(int(d) for d in inputs[1]))
-    if node.op_type == "Transpose":
-        return np.transpose(inputs[0], attrs.get("perm"))
-    return None
+    return np.transpose(inputs[0], attrs.get("perm"))
 
 
 def static_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
@@ -268,8 +349,7 @@ def unique_node_names(graph: onnx.GraphProto) -> list[str]:
 
 def atomic_save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike, *, force: bool = False) -> Path:
     path = Path(path)
-    if path.exists() and not force:
-        raise UsageError(f"{path}: exists; pass --force to overwrite")
+    _check_target(path, force, [])
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)

@@ -1,71 +1,111 @@
-"""The com.onnxopt custom ops, registered in onnxruntime through onnxruntime-extensions' PyOp.
+"""The com.onnxopt ops: their domain, their inputs, and the one validation of their constants.
 
-- BinaryConv (trainable form): X, W (float), alpha, bias, geometry → reference float emulation.
-- BitConv (lowered form): X, W packed (uint64 [kh, kw, words, O]), alpha, bias, geometry → numba kernel.
+- BinaryConv (trainable): X, W float [O, C, (kh,) kw], alpha [O], bias [O], geometry int64 [11]
+  computes α·Conv(b(X), b(W)) + bias, b(v) = +1 if v > 0 else −1, zero padding.
+- BitConv (lowered): the same, with W as sign bits packed to uint64 [kh, kw, words(C), O].
 
-Importing this module registers both, once per process (a second registration of the same op type
-fails in onnxruntime-extensions). A Python exception inside an op aborts the process, so inputs are
-validated before `run` (see `guard_session`) and at lowering time, and op bodies only compute.
+Every path that hands these constants to a kernel (lowering, session creation, training hooks, each
+`run` of a guarded session) goes through `constants_problem` / `input_problem`, so the kernels can index
+without bounds checks. No onnxruntime or numba here: graph code imports this module.
 """
 from __future__ import annotations
 
 import numpy as np
-from onnxruntime_extensions import PyCustomOpDef, PyOp, get_library_path, onnx_op
-from onnxruntime_extensions._ocos import Opdef
+import onnx
 
-from .kernels import bitconv, reference
-from .model import CUSTOM_DOMAIN
+from .convgeom import Geometry, geometry_problem
+from .errors import OnnxoptError
 
-
-def library_path() -> str:
-    return get_library_path()
-
-
-@onnx_op(op_type=f"{CUSTOM_DOMAIN}::BinaryConv",
-         inputs=[PyOp.dt_float, PyOp.dt_float, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],
-         outputs=[PyOp.dt_float])
-def binary_conv(x, w, alpha, bias, geometry):
-    return reference.binary_conv(x, w, alpha, bias, geometry)
+DOMAIN = "com.onnxopt"
+OPSET = 1
+BINARY_CONV = "BinaryConv"
+BIT_CONV = "BitConv"
+OP_TYPES = (BINARY_CONV, BIT_CONV)
+WORD = 64
 
 
-@onnx_op(op_type=f"{CUSTOM_DOMAIN}::BitConv",
-         inputs=[PyOp.dt_float, PyOp.dt_uint64, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],
-         outputs=[PyOp.dt_float])
-def bit_conv(x, w_packed, alpha, bias, geometry):
-    x4 = x[:, :, None, :] if geometry[0] == 1 else x
-    out = bitconv.bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
-    return out[:, :, 0, :] if geometry[0] == 1 else out
+def is_custom(node: onnx.NodeProto, op_type: str | None = None) -> bool:
+    return node.domain == DOMAIN and (op_type is None or node.op_type == op_type)
 
 
-def _invoke(op_id, feed, attributes):
-    """Replaces onnxruntime-extensions' default bridge, which converts outputs with tolist()
-    (30 ms for a 1×64×56×56 tensor); the C++ side takes numpy arrays as they are."""
-    op = Opdef._odlist[op_id]
-    result = op.body(*feed, **op.cast_attributes(attributes))
-    outputs = result if isinstance(result, tuple) else (result,)
-    flat = []
-    for arr in outputs:
-        flat.append(arr.shape)
-        flat.append(np.ascontiguousarray(arr))
-    return (op_id, *flat)
+def add_opset_import(model: onnx.ModelProto) -> None:
+    """Add the com.onnxopt opset import (once); IR version and other opsets stay as they are."""
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET))
 
 
-PyCustomOpDef.install_hooker(_invoke)
+def _vector_problem(role: str, v: np.ndarray, out_channels: int) -> str | None:
+    if v.dtype != np.float32 or v.shape != (out_channels,):
+        return f"{role} must be float32 of shape [{out_channels}], got {v.dtype} of shape {list(v.shape)}"
+    if not np.isfinite(v).all():
+        return f"{role} has NaN or infinite values"
+    return None
 
 
-def guard_session(sess, model) -> None:
-    """Make `sess.run` check feeds against the model's declared inputs first, so a wrong feed raises
-    OnnxoptError in Python instead of reaching a custom op (where an exception aborts the process)."""
-    from .runtime import check_feed, graph_inputs
+def kernel_shape(op_type: str, w: np.ndarray) -> tuple[int, int, int]:
+    """(out_channels, kh, kw) from the weight of either op (Conv1d weights have no kh)."""
+    if op_type == BIT_CONV:
+        return w.shape[3], w.shape[0], w.shape[1]
+    return (w.shape[0], 1, w.shape[2]) if w.ndim == 3 else (w.shape[0], w.shape[2], w.shape[3])
 
-    inputs = graph_inputs(model)
-    plain_run = sess.run
 
-    def run(output_names, input_feed, run_options=None):
-        for name, value in input_feed.items():
-            if name not in inputs:
-                raise ValueError(f"unknown input '{name}'; the model's inputs are {', '.join(inputs)}")
-            check_feed(name, np.asarray(value), inputs[name])
-        return plain_run(output_names, input_feed, run_options)
+def constants_problem(op_type: str, w: np.ndarray, alpha: np.ndarray, bias: np.ndarray,
+                      geometry: np.ndarray) -> str | None:
+    """Why these constants cannot run in the kernel (sizes, ranges, finiteness), or None."""
+    problem = geometry_problem(geometry)
+    if problem:
+        return problem
+    g = Geometry.decode(geometry)
+    if op_type == BIT_CONV:
+        words = -(-g.channels // WORD)
+        if w.dtype != np.uint64 or w.ndim != 4 or w.shape[2] != words or 0 in w.shape:
+            return (f"packed weight must be uint64 [kh, kw, {words}, O] for {g.channels} channels, "
+                    f"got {w.dtype} of shape {list(w.shape)}")
+        if g.spatial_rank == 1 and w.shape[0] != 1:
+            return f"a 1-D BitConv needs kh = 1, got {w.shape[0]}"
+    else:
+        if w.dtype != np.float32 or w.ndim != g.spatial_rank + 2 or 0 in w.shape:
+            return f"weight must be {g.spatial_rank + 2}-D float32, got {w.dtype} of shape {list(w.shape)}"
+        if w.shape[1] != g.channels:
+            return f"weight has {w.shape[1]} input channels, geometry says {g.channels}"
+        if not np.isfinite(w).all():
+            return "weight has NaN or infinite values"
+    out_channels = kernel_shape(op_type, w)[0]
+    return _vector_problem("alpha", alpha, out_channels) or _vector_problem("bias", bias, out_channels)
 
-    sess.run = run
+
+def input_problem(op_type: str, x_shape, w: np.ndarray, geometry: np.ndarray) -> str | None:
+    """Why an input of `x_shape` cannot go through this op (channels, rank, an empty output), or None.
+    Dims that are not known integers are not judged."""
+    g = Geometry.decode(geometry)
+    if len(x_shape) != g.spatial_rank + 2:
+        return f"input has rank {len(x_shape)}, expected {g.spatial_rank + 2}"
+    if isinstance(x_shape[1], int) and x_shape[1] != g.channels:
+        return f"input has {x_shape[1]} channels, the layer expects {g.channels}"
+    _, kh, kw = kernel_shape(op_type, w)
+    size = list(x_shape[2:]) if g.spatial_rank == 2 else [1, x_shape[2]]
+    if not all(isinstance(d, int) for d in size):
+        return None
+    if 0 in size:  # an empty batch is fine (an empty output); an empty image is not
+        return f"input {list(x_shape)} has an empty spatial dim"
+    _, _, oh, ow = g.resolve(size[0], size[1], kh, kw)
+    if oh < 1 or ow < 1:
+        return f"input {'x'.join(map(str, size))} is smaller than the {kh}x{kw} kernel's span: no output"
+    return None
+
+
+def check_custom_nodes(graph: onnx.GraphProto, constant, name_of=lambda node: node.name) -> None:
+    """Raise OnnxoptError for the first com.onnxopt node whose constants a kernel could not take.
+    `constant(tensor_name)` returns the value or None (a non-constant input is left to run-time checks)."""
+    for node in graph.node:
+        if not is_custom(node) or node.op_type not in OP_TYPES:
+            continue
+        if len(node.input) != 5:
+            raise OnnxoptError(f"{node.op_type} '{name_of(node)}' has {len(node.input)} inputs, expected 5")
+        values = [constant(t) for t in node.input[1:]]
+        if any(v is None for v in values):
+            missing = next(t for t, v in zip(node.input[1:], values) if v is None)
+            raise OnnxoptError(f"{node.op_type} '{name_of(node)}': input '{missing}' is not a constant")
+        problem = constants_problem(node.op_type, *values)
+        if problem:
+            raise OnnxoptError(f"{node.op_type} '{name_of(node)}': {problem}")

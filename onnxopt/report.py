@@ -30,6 +30,22 @@ class Report:
     check: dict | None = None  # filled by --check / compare
     output: str | None = None
 
+    steps: list[str] = field(default_factory=list)  # the pipeline steps that ran, in order
+
+    def merge(self, step: "Report") -> None:
+        """Add what one pipeline step did. A layer already listed as changed keeps its row and action
+        (e.g. binarized), with the sizes the later step left it at (e.g. lowered to bits); other
+        rows are appended."""
+        self.steps.append(step.command)
+        rows = {layer.name: layer for layer in self.changed}
+        for layer in step.layers:
+            earlier = rows.get(layer.name)
+            if earlier is None:
+                self.layers.append(layer)
+            elif layer.action != "skipped":
+                earlier.params_after, earlier.bytes_after = layer.params_after, layer.bytes_after
+        self.warnings += [w for w in step.warnings if w not in self.warnings]
+
     @property
     def changed(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.action != "skipped"]
@@ -42,8 +58,9 @@ class Report:
         return totals
 
     def to_dict(self) -> dict:
-        return {"command": self.command, "output": self.output, "layers": [asdict(x) for x in self.layers],
-                "totals": self.totals(), "warnings": self.warnings, "check": self.check}
+        return {"command": self.command, "steps": self.steps, "output": self.output,
+                "layers": [asdict(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
+                "check": self.check}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -61,8 +78,7 @@ class Report:
         t = self.totals()
         rows.append(["total", "", "", f"{t['layers_changed']} changed", "",
                      _arrow(t["params_before"], t["params_after"]), _arrow(t["flops_before"], t["flops_after"]), ""])
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+        lines = _columns(head, rows)
         if t["bytes_before"]:
             lines.append(f"weights of changed layers: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
                          f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")
@@ -90,3 +106,32 @@ def _size(n: int) -> str:
         n /= 1024
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
+
+
+def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+
+
+def inspect_table(rows: list[dict]) -> str:
+    """`onnxopt inspect`'s table."""
+    head = ["layer", "op", "weight", "params", "FLOPs/sample", "factor", "binarize"]
+    table = [[r["name"], r["op_type"], r["weight_shape"], f"{r['params']:,}", f"{r['flops']:,}",
+              r["factor"], r["binarize"]] for r in rows]
+    return "\n".join(_columns(head, table))
+
+
+def compare_text(result: dict, as_json: bool = False) -> str:
+    """`onnxopt compare`'s output."""
+    if as_json:
+        return json.dumps(result, indent=2)
+    lines = []
+    for key in ("A", "B"):
+        r = result[key]
+        acc = "" if r["accuracy"] is None else f"accuracy {r['accuracy']:.4f}, "
+        lines.append(f"{key}: {acc}median latency {r['latency_ms']:.3f} ms per batch of {result['samples']}")
+    if result["top1_agreement"] is not None:
+        lines.append(f"top-1 agreement {result['top1_agreement']:.4f}")
+    lines += [f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}"
+              for name, v in result["outputs"].items()]
+    return "\n".join(lines)

@@ -38,5 +38,9 @@ class Selection:
             return "declined by filter function"
         return None
 
-    def unused_patterns(self, names: list[str]) -> list[str]:
-        return [p for p in self.only + self.skip if not any(matches(n, p) for n in names)]
+    extra: list[tuple[str, str]] = field(default_factory=list)  # (flag, pattern) of per-layer options
+
+    def unused_patterns(self, names: list[str]) -> list[tuple[str, str]]:
+        """(flag, pattern) for each pattern that matches none of `names`."""
+        given = [("--only", p) for p in self.only] + [("--skip", p) for p in self.skip] + self.extra
+        return [(flag, p) for flag, p in given if not any(matches(n, p) for n in names)]

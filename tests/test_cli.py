@@ -72,7 +72,9 @@ def _one_error_line(r, code, text):
     (["factor", "mlp.onnx", "--projection-fn", "no_such_module:f"], 2, "cannot import"),
     (["factor", "mlp.onnx", "--projection-fn", "notaspec"], 2, "expected module:function"),
     (["factor", "mlp.onnx", "--bogus"], 2, "No such option"),
-    (["binarize", "cnn.onnx", "--scale", "weird"], 2, "Invalid value"),
+    (["binarize", "cnn.onnx", "--scale", "weird"], 2, "invalid scale 'weird': choose one of channel, tensor, none"),
+    (["factor", "mlp.onnx", "--rank", "4", "--skip", "nothing_here"], 2, "--skip pattern 'nothing_here' matches no"),
+    (["factor", "mlp.onnx", "--rank", "4", "--energy", "0.9"], 2, "--rank and --energy exclude each other"),
     (["run", "cnn.onnx", "--data", "mlp_test.npz"], 1, "has shape"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(work, args, code, text):
@@ -85,10 +87,11 @@ def test_bad_input_gives_one_line_and_exit_code(work, args, code, text):
     assert after == before  # nothing written, nothing modified
 
 
-def test_selection_matching_nothing(work):
-    r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--only", "nope", "-o", work / "n.onnx")
+def test_nothing_changed_warns_and_strict_refuses(work):
+    # a rank so high that no layer gains: every layer is left alone with that reason
+    r = cli("factor", work / "mlp.onnx", "--rank", "1.0", "-o", work / "n.onnx")
     assert r.returncode == 0 and "no layer was changed" in r.stderr
-    r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--only", "nope", "--strict", "-o", work / "s.onnx")
+    r = cli("factor", work / "mlp.onnx", "--rank", "1.0", "--strict", "-o", work / "s.onnx")
     assert r.returncode == 1 and not (work / "s.onnx").exists()
 
 

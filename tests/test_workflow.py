@@ -7,6 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnxopt
+from onnxopt.train.hooks import reconstruct
 
 from conftest import ROOT, accuracy, cli, load_split
 
@@ -111,7 +112,7 @@ def test_binary_refit_recovers_accuracy(capsys):
     refit = onnxopt.binarize_convolution(model, skip=["first_conv"], calibration={"input": calib})
     hooked = onnxopt.binarize_convolution(
         model, skip=["first_conv"],
-        train_function=lambda m: onnxopt.hooks.reconstruct(m, calibration=str(ROOT / "models" / "cnn_calib.npz")))
+        train_function=lambda m: reconstruct(m, calibration=str(ROOT / "models" / "cnn_calib.npz")))
     acc = [accuracy(m, x, y) for m in (model, plain, refit, hooked)]
     with capsys.disabled():
         print(f"\ncnn binarized but first conv: float {acc[0]:.4f}, no recovery {acc[1]:.4f}, calibration refit "

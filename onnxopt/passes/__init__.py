@@ -1,20 +1,20 @@
 """Rewrite passes: one module per op family, each a dict of rules keyed by (domain, op_type).
 
-A rule has `check(node, ctx) -> reason | None` (why it declines) and
-`rewrite(node, ctx) -> Rewrite` (new nodes and initializers, never touching the graph itself).
-`apply_rules` is the one driver: it selects, asks each rule, splices the results in, and drops
-initializers and Constant nodes nothing reads any more.
+A rule is built from its options and has `applies(node, ctx)` (is this node a candidate at all),
+`check(node, ctx) -> reason | None` (why it declines) and `rewrite(node, ctx) -> Rewrite` (new nodes,
+initializers and opset imports, never touching the graph itself). `apply_rules` is the one driver: it
+selects, asks each rule, splices the results in, and drops what nothing reads any more.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..model import constant_values, infer_shapes, static_shape, unique_node_names
+from ..model import Constants, copy_model, infer_shapes, static_shape, unique_node_names
 from ..report import LayerReport, Report
 from ..select import Selection
 
@@ -27,6 +27,11 @@ def node_key(node: onnx.NodeProto) -> tuple:
     return node.op_type, tuple(node.input), tuple(node.output), node.name
 
 
+def op_key(node: onnx.NodeProto) -> tuple[str, str]:
+    """The registry key of a node: (domain, op_type), the default domain spelled ''."""
+    return ("" if node.domain == "ai.onnx" else node.domain), node.op_type
+
+
 class Declined(Exception):
     """Raised by a rewrite that finds, once it has computed, that it should leave the node alone."""
 
@@ -37,45 +42,43 @@ class Rewrite:
     initializers: list[onnx.TensorProto]
     layer: LayerReport
     warnings: list[str] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)  # opset imports the new nodes need
 
 
-class Rule(Protocol):
-    def check(self, node: onnx.NodeProto, ctx: "GraphContext") -> str | None: ...
+class Rule:
+    """Base of every rule: a candidate unless `applies` says otherwise."""
 
-    def rewrite(self, node: onnx.NodeProto, ctx: "GraphContext") -> Rewrite: ...
+    def applies(self, node: onnx.NodeProto, ctx: "GraphContext") -> bool:
+        return True
+
+    def check(self, node: onnx.NodeProto, ctx: "GraphContext") -> str | None:
+        raise NotImplementedError
+
+    def rewrite(self, node: onnx.NodeProto, ctx: "GraphContext") -> Rewrite:
+        raise NotImplementedError
 
 
-@dataclass
+Rules = dict[tuple[str, str], Rule]
+
+
 class GraphContext:
     """Read-only facts about the graph a rule may ask for, plus a fresh-name source."""
 
-    model: onnx.ModelProto
-    options: Any = None
-    constants: dict[str, np.ndarray] = field(default_factory=dict)
-    value_infos: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
-    node_names: dict[tuple, str] = field(default_factory=dict)
-    _taken: set[str] = field(default_factory=set)
-
-    @classmethod
-    def build(cls, model: onnx.ModelProto, options: Any = None) -> "GraphContext":
+    def __init__(self, model: onnx.ModelProto):
         g = model.graph
-        taken = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
-        taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
-        return cls(model=model, options=options, constants=constant_values(g), value_infos=infer_shapes(model),
-                   node_names={node_key(n): name for n, name in zip(g.node, unique_node_names(g))}, _taken=taken)
-
-    @property
-    def producers(self) -> dict[str, onnx.NodeProto]:
-        """Tensor name → the node that produces it (main graph)."""
-        if not hasattr(self, "_producers"):
-            self._producers = {o: n for n in self.model.graph.node for o in n.output}
-        return self._producers
+        self.model = model
+        self.constants = Constants(g)
+        self.value_infos = infer_shapes(model)
+        self.node_names = {node_key(n): name for n, name in zip(g.node, unique_node_names(g))}
+        self.producers = {o: n for n in g.node for o in n.output}
+        self._taken = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
+        self._taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
 
     def name_of(self, node: onnx.NodeProto) -> str:
         return self.node_names[node_key(node)]
 
     def constant(self, tensor_name: str) -> np.ndarray | None:
-        return self.constants.get(tensor_name)
+        return self.constants.get(tensor_name) if tensor_name else None
 
     def shape(self, tensor_name: str) -> list[int | str | None] | None:
         vi = self.value_infos.get(tensor_name)
@@ -95,26 +98,23 @@ class GraphContext:
         return numpy_helper.from_array(np.ascontiguousarray(array), self.fresh(base))
 
 
-def candidate_names(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule]) -> list[str]:
+def candidate_names(model: onnx.ModelProto, rules: Rules) -> list[str]:
     """Names of the main-graph nodes a pass could touch, as reports and patterns see them."""
     g = model.graph
-    return [name for node, name in zip(g.node, unique_node_names(g)) if (_domain(node), node.op_type) in rules]
+    return [name for node, name in zip(g.node, unique_node_names(g)) if op_key(node) in rules]
 
 
-def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], selection: Selection, *,
-                command: str, options: Any = None, progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection = Selection(), *, command: str,
+                progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run one pass over the main graph and return (new model, report). The input is not modified."""
-    model = _copy(model)
+    model = copy_model(model)
     report = Report(command=command)
     report.warnings += _rename_repeated(model.graph)
-    ctx = GraphContext.build(model, options)
-    for pattern in selection.unused_patterns(candidate_names(model, rules)):
-        report.warnings.append(f"pattern '{pattern}' matches no {'/'.join(op for _, op in rules)} layer")
-    graph = model.graph
+    ctx = GraphContext(model)
     chosen = []
-    for node in graph.node:
-        rule = rules.get((_domain(node), node.op_type))
-        if rule is None or (hasattr(rule, "applies") and not rule.applies(node, ctx)):
+    for node in model.graph.node:
+        rule = rules.get(op_key(node))
+        if rule is None or not rule.applies(node, ctx):
             continue
         name = ctx.name_of(node)
         reason = selection.decline_reason(node, name) or rule.check(node, ctx)
@@ -123,18 +123,18 @@ def apply_rules(model: onnx.ModelProto, rules: dict[tuple[str, str], Rule], sele
         else:
             chosen.append((node, rule))
             report.layers.append(None)  # placeholder keeps graph order in the report
-    _report_subgraph_nodes(graph, rules, report)
+    _report_subgraph_nodes(model.graph, rules, report)
     slots = [i for i, x in enumerate(report.layers) if x is None]
     rewrites: dict[tuple, Rewrite] = {}
-    items = progress(chosen, command) if progress else chosen
-    for slot, (node, rule) in zip(slots, items):
+    for slot, (node, rule) in zip(slots, progress(chosen, command) if progress else chosen):
         try:
             rw = rule.rewrite(node, ctx)
-            rewrites[node_key(node)] = rw
-            report.layers[slot] = rw.layer
-            report.warnings.extend(rw.warnings)
         except Declined as exc:
             report.layers[slot] = LayerReport(name=ctx.name_of(node), op_type=node.op_type, reason=str(exc))
+            continue
+        rewrites[node_key(node)] = rw
+        report.layers[slot] = rw.layer
+        report.warnings.extend(rw.warnings)
     if rewrites:
         _splice(model, rewrites)
     return model, report
@@ -155,10 +155,6 @@ def _rename_repeated(graph: onnx.GraphProto) -> list[str]:
     return warnings
 
 
-def _domain(node: onnx.NodeProto) -> str:
-    return "" if node.domain == "ai.onnx" else node.domain
-
-
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The bodies of a control-flow node (If branches, Loop/Scan bodies); empty for other nodes."""
     return [g for attr in node.attribute
@@ -169,21 +165,15 @@ def _report_subgraph_nodes(graph, rules, report):
     for node in graph.node:
         for sub in subgraphs(node):
             for inner in sub.node:
-                if (_domain(inner), inner.op_type) in rules:
+                if op_key(inner) in rules:
                     report.layers.append(LayerReport(
                         name=inner.name or inner.op_type, op_type=inner.op_type,
                         reason=f"inside the body of {node.op_type} '{node.name}': left intact"))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
     graph = model.graph
-    new_nodes, new_inits = [], []
+    new_nodes, new_inits, opsets = [], [], {}
     for node in graph.node:
         rw = rewrites.get(node_key(node))
         if rw is None:
@@ -191,35 +181,39 @@ def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
         else:
             new_nodes.extend(rw.nodes)
             new_inits.extend(rw.initializers)
+            opsets.update(rw.opsets)
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     listed_as_inputs = model.ir_version < 4
     if listed_as_inputs:
         graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits)
+    imported = {o.domain for o in model.opset_import}
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items() if d not in imported)
     remove_unused(graph)
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
+def names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the graph's nodes (subgraphs included) and outputs read."""
     used = {o.name for o in graph.output}
     for node in graph.node:
         used.update(node.input)
         for sub in subgraphs(node):  # subgraphs may read outer-scope names
-            used |= _names_read(sub)
+            used |= names_read(sub)
     return used
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:
     """Drop nodes and initializers whose outputs nothing reads."""
     while True:
-        used = _names_read(graph)
+        used = names_read(graph)
         # ONNX ops have no side effects: a node nobody reads from is dead (rewrites leave such behind)
         dead = [n for n in graph.node if n.output and all(o not in used for o in n.output)]
         for n in dead:
             graph.node.remove(n)
         if not dead:
             break
-    used = _names_read(graph)
+    used = names_read(graph)
     unused = {t.name for t in graph.initializer if t.name not in used}
     kept = [t for t in graph.initializer if t.name not in unused]
     del graph.initializer[:]

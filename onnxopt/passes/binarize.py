@@ -6,28 +6,16 @@ The float weights stay in the model as they were, so it can still be trained; `l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import helper
 
+from .. import ops
 from ..convgeom import Geometry
-from ..errors import UsageError
-from ..model import CUSTOM_DOMAIN
+from ..model import node_attributes as _attrs
+from ..options import BinarizeOptions
 from ..report import LayerReport
-from . import GraphContext, Rewrite
-
-SCALES = ("channel", "tensor", "none")
-
-
-@dataclass
-class BinarizeOptions:
-    scale: str = "channel"
-
-    def __post_init__(self):
-        if self.scale not in SCALES:
-            raise UsageError(f"invalid scale '{self.scale}': choose one of {', '.join(SCALES)}")
+from . import GraphContext, Rewrite, Rule
 
 
 def scale_for(w: np.ndarray, scale: str) -> np.ndarray:
@@ -40,11 +28,10 @@ def scale_for(w: np.ndarray, scale: str) -> np.ndarray:
     return np.ones(o, np.float32)
 
 
-def _attrs(node):
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+class ConvRule(Rule):
+    def __init__(self, options: BinarizeOptions):
+        self.options = options
 
-
-class ConvRule:
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) < 2:
             return "no weight input"
@@ -69,17 +56,16 @@ class ConvRule:
         return None
 
     def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
-        opts: BinarizeOptions = ctx.options
         name = ctx.name_of(node)
         w = ctx.constant(node.input[1])
         o = w.shape[0]
         bias = ctx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(o, np.float32)
         geometry = Geometry.from_conv(_attrs(node), spatial_rank=w.ndim - 2, channels=w.shape[1])
-        alpha = ctx.initializer(f"{name}/binary_alpha", scale_for(w, opts.scale))
+        alpha = ctx.initializer(f"{name}/binary_alpha", scale_for(w, self.options.scale))
         b = ctx.initializer(f"{name}/binary_bias", bias.astype(np.float32).reshape(o))
         geo = ctx.initializer(f"{name}/binary_geometry", geometry.encode())
-        new = helper.make_node("BinaryConv", [node.input[0], node.input[1], alpha.name, b.name, geo.name],
-                               list(node.output), name=node.name or ctx.fresh(name), domain=CUSTOM_DOMAIN)
+        new = helper.make_node(ops.BINARY_CONV, [node.input[0], node.input[1], alpha.name, b.name, geo.name],
+                               list(node.output), name=node.name or ctx.fresh(name), domain=ops.DOMAIN)
         warnings = []
         if node.input[0] in {i.name for i in ctx.model.graph.input}:
             warnings.append(f"{name} reads graph input '{node.input[0]}' directly: binarizing raw inputs loses "
@@ -88,7 +74,9 @@ class ConvRule:
         layer = LayerReport(name=name, op_type="Conv", shape="x".join(map(str, w.shape)), action="binarized",
                             params_before=int(w.size), params_after=int(w.size), bytes_before=nbytes,
                             bytes_after=nbytes)
-        return Rewrite(nodes=[new], initializers=[alpha, b, geo], layer=layer, warnings=warnings)
+        return Rewrite(nodes=[new], initializers=[alpha, b, geo], layer=layer, warnings=warnings,
+                       opsets={ops.DOMAIN: ops.OPSET})
 
 
-RULES = {("", "Conv"): ConvRule()}
+def rules(options: BinarizeOptions) -> dict:
+    return {("", "Conv"): ConvRule(options)}

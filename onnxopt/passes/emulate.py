@@ -11,20 +11,19 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..calibrate import conv_attributes
-from ..convgeom import Geometry
-from ..model import CUSTOM_DOMAIN
+from .. import ops
+from ..convgeom import Geometry, geometry_problem
 from ..report import LayerReport
-from . import GraphContext, Rewrite
+from . import GraphContext, Rewrite, Rule
 
 MARKER = "onnxopt:emulated BinaryConv"
 
 
-class BinaryConvToStandard:
+class BinaryConvToStandard(Rule):
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) != 5 or ctx.constant(node.input[4]) is None:
             return "geometry is not a constant"
-        return None
+        return geometry_problem(ctx.constant(node.input[4]))
 
     def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
         name = ctx.name_of(node)
@@ -42,7 +41,7 @@ class BinaryConvToStandard:
             helper.make_node("Where", [t["x_pos"], ones.name, minus.name], [t["x_sign"]], name=t["x_sign"]),
             helper.make_node("Greater", [w, zero.name], [t["w_pos"]], name=t["w_pos"]),
             helper.make_node("Where", [t["w_pos"], ones.name, minus.name], [t["w_sign"]], name=t["w_sign"]),
-            helper.make_node("Conv", [t["x_sign"], t["w_sign"]], [t["conv"]], name=t["conv"], **conv_attributes(g)),
+            helper.make_node("Conv", [t["x_sign"], t["w_sign"]], [t["conv"]], name=t["conv"], **g.conv_attributes()),
             helper.make_node("Reshape", [alpha, shape.name], [t["alpha"]], name=t["alpha"]),
             helper.make_node("Reshape", [bias, shape.name], [t["bias"]], name=t["bias"]),
             helper.make_node("Mul", [t["conv"], t["alpha"]], [t["scaled"]], name=t["scaled"]),
@@ -53,7 +52,8 @@ class BinaryConvToStandard:
         return Rewrite(nodes=nodes, initializers=[ones, minus, zero, shape], layer=layer)
 
 
-RULES = {(CUSTOM_DOMAIN, "BinaryConv"): BinaryConvToStandard()}
+def rules() -> dict:
+    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvToStandard()}
 
 
 def emulated_parts(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict | None:

@@ -6,36 +6,19 @@ per row. MatMul X·W is the same without α, β, C. A layer where k(m+n) ≥ m·
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import onnx
 from onnx import helper
 
 from .. import linalg
 from ..errors import OnnxoptError
+from ..model import node_attributes as _attrs
+from ..options import FactorOptions
 from ..report import LayerReport
 from ..select import matches
-from . import Declined, GraphContext, Rewrite
+from . import Declined, GraphContext, Rewrite, Rule
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-
-
-@dataclass
-class FactorOptions:
-    rank: linalg.RankSpec | None = None
-    energy: float | None = None
-    rank_for: list[tuple[str, linalg.RankSpec]] = field(default_factory=list)
-    projection_function: Callable[[np.ndarray], int] | None = None  # W → k
-    factor_function: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None  # (W, k) → (U, V)
-    whitening: dict[str, np.ndarray] | None = None  # node name → Gram matrix XᵀX of its input (calibration)
-    allow_growth: bool = False  # factor even where k(m+n) ≥ m·n (full-rank checks)
-    seed: int = 0
-
-
-def _attrs(node):
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _rows(ctx: GraphContext, tensor: str) -> int:
@@ -46,13 +29,19 @@ def _rows(ctx: GraphContext, tensor: str) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]))
 
 
-class _DenseRule:
-    """What Gemm and MatMul share: the weight, the rank choice, and the two-MatMul replacement."""
+class _DenseRule(Rule):
+    """What Gemm and MatMul share: the weight, the rank choice, and the two-MatMul replacement.
+    `whitening` maps a layer name to the Gram matrix XᵀX of its input (calibration), if any."""
 
     weight_input = 1
 
-    def weight(self, node, ctx) -> np.ndarray:
-        raise NotImplementedError
+    def __init__(self, options: FactorOptions, whitening: dict[str, np.ndarray] | None = None):
+        self.options = options
+        self.whitening = whitening or {}
+
+    def calibration_input(self, node: onnx.NodeProto) -> tuple[str, bool]:
+        """The tensor whose Gram matrix data-aware factors need, and whether it is transposed (rows = features)."""
+        return node.input[0], False
 
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) <= self.weight_input:
@@ -70,9 +59,10 @@ class _DenseRule:
             return "weight has NaN or infinite values"
         return None
 
-    def choose_rank(self, name: str, w: np.ndarray, opts: FactorOptions) -> int:
+    def choose_rank(self, name: str, w: np.ndarray) -> int:
+        opts = self.options
         m, n = w.shape
-        spec = next((s for p, s in opts.rank_for if matches(name, p)), None)
+        spec = next((s for p, s in opts.rank_overrides if matches(name, p)), None)
         if spec is not None:
             return spec.resolve(m, n)
         if opts.projection_function is not None:
@@ -84,11 +74,12 @@ class _DenseRule:
             return min(int(k), m, n)
         if opts.energy is not None:
             return linalg.rank_for_energy(linalg.singular_values(w), opts.energy)
-        if opts.rank is not None:
-            return opts.rank.resolve(m, n)
-        raise OnnxoptError("no rank given: pass --rank or --energy")
+        if opts.rank_spec is None:
+            raise Declined("no --rank-for pattern matches it and no --rank was given")
+        return opts.rank_spec.resolve(m, n)
 
-    def factors(self, name: str, w: np.ndarray, k: int, opts: FactorOptions) -> linalg.Factors:
+    def factors(self, name: str, w: np.ndarray, k: int) -> linalg.Factors:
+        opts = self.options
         if opts.factor_function is not None:
             u, v = opts.factor_function(w, k)
             u, v = np.asarray(u), np.asarray(v)
@@ -96,7 +87,7 @@ class _DenseRule:
                 raise OnnxoptError(f"{name}: factor function returned shapes {u.shape} and {v.shape}, "
                                    f"expected {(w.shape[0], k)} and {(k, w.shape[1])}")
             return linalg.Factors(u, v, linalg.relative_error(w, u, v), "factor function")
-        gram = (opts.whitening or {}).get(name)
+        gram = self.whitening.get(name)
         if gram is not None:
             return linalg.whitened_low_rank(w, k, gram)
         return linalg.low_rank(w, k, seed=opts.seed)
@@ -105,12 +96,11 @@ class _DenseRule:
                 extra_params: int = 0, rows: int = 1) -> Rewrite:
         """x → [pre_nodes] → MatMul(U) → MatMul(V) → [bias_nodes, whose first input "" is the product]."""
         name = ctx.name_of(node)
-        opts: FactorOptions = ctx.options
         m, n = w.shape
-        k = self.choose_rank(name, w, opts)
-        if k * (m + n) >= m * n and not opts.allow_growth:
+        k = self.choose_rank(name, w)
+        if k * (m + n) >= m * n and not self.options.allow_growth:
             raise Declined(f"rank {k} gains nothing: k(m+n) = {k * (m + n):,} >= m*n = {m * n:,}")
-        f = self.factors(name, w, k, opts)
+        f = self.factors(name, w, k)
         u = ctx.initializer(f"{name}/factor_U", f.u.astype(w.dtype))
         v = ctx.initializer(f"{name}/factor_V", f.v.astype(w.dtype))
         hidden = ctx.fresh(f"{name}/factor_hidden")
@@ -139,6 +129,9 @@ def _input_mismatch(ctx: GraphContext, tensor: str, axis: int, rows: int) -> str
 
 
 class GemmRule(_DenseRule):
+    def calibration_input(self, node):
+        return node.input[0], bool(_attrs(node).get("transA", 0))
+
     def check(self, node, ctx):
         reason = super().check(node, ctx)
         if reason:
@@ -204,4 +197,5 @@ class MatMulRule(_DenseRule):
         return self.replace(node, ctx, node.input[0], w, rows=_rows(ctx, node.input[0]))
 
 
-RULES = {("", "Gemm"): GemmRule(), ("", "MatMul"): MatMulRule()}
+def rules(options: FactorOptions, whitening: dict[str, np.ndarray] | None = None) -> dict:
+    return {("", "Gemm"): GemmRule(options, whitening), ("", "MatMul"): MatMulRule(options, whitening)}

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..model import CUSTOM_DOMAIN
+from .. import ops
 from ..report import LayerReport
-from . import GraphContext, Rewrite, subgraphs
+from . import Declined, GraphContext, Rewrite, Rule, subgraphs
 
 
 def _readers(graph: onnx.GraphProto, tensor: str) -> int:
@@ -21,10 +21,10 @@ def _readers(graph: onnx.GraphProto, tensor: str) -> int:
     return sum(list(n.input).count(tensor) + sum(_readers(sub, tensor) for sub in subgraphs(n)) for n in graph.node)
 
 
-class BatchNormRule:
+class BatchNormRule(Rule):
     def applies(self, node: onnx.NodeProto, ctx: GraphContext) -> bool:
         producer = ctx.producers.get(node.input[0])
-        return producer is not None and producer.domain == CUSTOM_DOMAIN and producer.op_type == "BitConv"
+        return producer is not None and ops.is_custom(producer, ops.BIT_CONV)
 
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -47,15 +47,20 @@ class BatchNormRule:
         scale, shift, mean, var = (ctx.constant(t).astype(np.float64).reshape(-1) for t in node.input[1:5])
         alpha = ctx.constant(conv.input[2]).astype(np.float64).reshape(-1)
         bias = ctx.constant(conv.input[3]).astype(np.float64).reshape(-1)
-        s = scale / np.sqrt(var + epsilon)
+        with np.errstate(all="ignore"):
+            s = scale / np.sqrt(var + epsilon)
+            folded_alpha, folded_bias = alpha * s, (bias - mean) * s + shift
+        if not np.isfinite(np.concatenate([folded_alpha, folded_bias]).astype(np.float32)).all():
+            raise Declined("folding would give BitConv non-finite alpha or bias")
         name = ctx.name_of(conv)
-        new_alpha = ctx.initializer(f"{name}/folded_alpha", (alpha * s).astype(np.float32))
-        new_bias = ctx.initializer(f"{name}/folded_bias", ((bias - mean) * s + shift).astype(np.float32))
-        folded = helper.make_node("BitConv", [conv.input[0], conv.input[1], new_alpha.name, new_bias.name,
-                                              conv.input[4]], [node.output[0]], name=conv.name, domain=CUSTOM_DOMAIN)
+        new_alpha = ctx.initializer(f"{name}/folded_alpha", folded_alpha.astype(np.float32))
+        new_bias = ctx.initializer(f"{name}/folded_bias", folded_bias.astype(np.float32))
+        folded = helper.make_node(ops.BIT_CONV, [conv.input[0], conv.input[1], new_alpha.name, new_bias.name,
+                                              conv.input[4]], [node.output[0]], name=conv.name, domain=ops.DOMAIN)
         layer = LayerReport(name=ctx.name_of(node), op_type=node.op_type, shape=str(len(s)), action="folded",
                             reason=f"into BitConv '{name}'")
         return Rewrite(nodes=[folded], initializers=[new_alpha, new_bias], layer=layer)
 
 
-RULES = {("", "BatchNormalization"): BatchNormRule()}
+def rules() -> dict:
+    return {("", "BatchNormalization"): BatchNormRule()}

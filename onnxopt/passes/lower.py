@@ -1,25 +1,33 @@
-"""lower: com.onnxopt BinaryConv → BitConv, the native bit-packed convolution.
+"""lower: com.onnxopt BinaryConv (or its `--emulate` standard-ops form) → BitConv, the native bit-packed conv.
 
 The float weights become their sign bits, 64 input channels to a uint64 word, laid out
 [kh, kw, word, out_channel] for the kernel (32× smaller than float32 when C is a multiple of 64).
 α, bias and geometry are carried over unchanged, so BitConv computes exactly what BinaryConv did.
+Constants that a kernel could not index safely are refused here (`ops.constants_problem`).
 """
 from __future__ import annotations
 
-import onnx
 import numpy as np
+import onnx
 from onnx import helper
 
+from .. import ops
 from ..convgeom import Geometry
-
+from ..errors import OnnxoptError
 from ..kernels.packing import pack_weights
-from ..model import CUSTOM_DOMAIN
+from ..model import node_attributes
 from ..report import LayerReport
-from . import GraphContext, Rewrite
+from . import GraphContext, Rewrite, Rule
 from .emulate import MARKER, emulated_parts
 
 
-class BinaryConvRule:
+def _checked(name: str, w, alpha, bias, geometry) -> None:
+    problem = ops.constants_problem(ops.BINARY_CONV, w, alpha, bias, geometry)
+    if problem:
+        raise OnnxoptError(f"cannot lower '{name}': {problem}")
+
+
+class BinaryConvRule(Rule):
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) != 5:
             return f"BinaryConv with {len(node.input)} inputs, expected 5"
@@ -29,7 +37,9 @@ class BinaryConvRule:
         return None
 
     def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
-        return to_bitconv(node, ctx.name_of(node), ctx)
+        name = ctx.name_of(node)
+        _checked(name, *(ctx.constant(t) for t in node.input[1:]))
+        return to_bitconv(node, name, ctx)
 
 
 def to_bitconv(node: onnx.NodeProto, name: str, ctx: GraphContext) -> Rewrite:
@@ -37,15 +47,22 @@ def to_bitconv(node: onnx.NodeProto, name: str, ctx: GraphContext) -> Rewrite:
     w4 = w[:, :, None, :] if w.ndim == 3 else w
     bits = pack_weights(w4)
     packed = ctx.initializer(f"{name}/bit_weights", bits)
-    new = helper.make_node("BitConv", [node.input[0], packed.name, *node.input[2:]], list(node.output),
-                           name=node.name or ctx.fresh(name), domain=CUSTOM_DOMAIN)
+    new = helper.make_node(ops.BIT_CONV, [node.input[0], packed.name, *node.input[2:]], list(node.output),
+                           name=node.name or ctx.fresh(name), domain=ops.DOMAIN)
     layer = LayerReport(name=name, op_type="BinaryConv", shape="x".join(map(str, w.shape)), action="lowered",
                         params_before=int(w.size), params_after=int(w.size), bytes_before=int(w.size) * 4,
                         bytes_after=int(bits.nbytes))
-    return Rewrite(nodes=[new], initializers=[packed], layer=layer)
+    return Rewrite(nodes=[new], initializers=[packed], layer=layer, opsets={ops.DOMAIN: ops.OPSET})
 
 
-class EmulatedRule:
+def _per_channel(values: np.ndarray, channels: int) -> np.ndarray:
+    """α or bias as float32 [O]: the emulated form may hold one value for all channels (it broadcasts
+    there), the kernel reads one per channel."""
+    flat = values.astype(np.float32).reshape(-1)
+    return np.full(channels, flat[0], np.float32) if flat.size == 1 else flat
+
+
+class EmulatedRule(Rule):
     """The `binarize --emulate` form (standard ops ending in a marked Add) → BitConv."""
 
     def applies(self, node, ctx) -> bool:
@@ -55,25 +72,30 @@ class EmulatedRule:
         parts = emulated_parts(node, ctx.producers)
         if parts is None:
             return "marked as emulated BinaryConv, but the pattern before it was changed"
-        if ctx.constant(parts["w"]) is None or ctx.constant(parts["alpha"]) is None or \
-                ctx.constant(parts["bias"]) is None:
+        if any(ctx.constant(parts[role]) is None for role in ("w", "alpha", "bias")):
             return "emulated BinaryConv whose weight, alpha or bias is not a constant"
         return None
 
     def rewrite(self, node, ctx):
         parts = emulated_parts(node, ctx.producers)
         w = ctx.constant(parts["w"])
-        attrs = {a.name: helper.get_attribute_value(a) for a in parts["conv"].attribute}
-        geometry = Geometry.from_conv(attrs, spatial_rank=w.ndim - 2, channels=w.shape[1])
         name = ctx.name_of(node)
-        geo = ctx.initializer(f"{name}/binary_geometry", geometry.encode())
-        alpha = ctx.initializer(f"{name}/binary_alpha", ctx.constant(parts["alpha"]).astype(np.float32).reshape(-1))
-        bias = ctx.initializer(f"{name}/binary_bias", ctx.constant(parts["bias"]).astype(np.float32).reshape(-1))
-        binary = helper.make_node("BinaryConv", [parts["x"], parts["w"], alpha.name, bias.name, geo.name],
-                                  list(node.output), name=node.name, domain=CUSTOM_DOMAIN)
+        if w.ndim not in (3, 4):
+            raise OnnxoptError(f"cannot lower '{name}': weight of shape {list(w.shape)} is not a 1-D or 2-D conv")
+        geometry = Geometry.from_conv(node_attributes(parts["conv"]), spatial_rank=w.ndim - 2,
+                                      channels=w.shape[1]).encode()
+        alpha = _per_channel(ctx.constant(parts["alpha"]), w.shape[0])
+        bias = _per_channel(ctx.constant(parts["bias"]), w.shape[0])
+        _checked(name, w, alpha, bias, geometry)
+        geo = ctx.initializer(f"{name}/binary_geometry", geometry)
+        alpha_init = ctx.initializer(f"{name}/binary_alpha", alpha)
+        bias_init = ctx.initializer(f"{name}/binary_bias", bias)
+        binary = helper.make_node(ops.BINARY_CONV, [parts["x"], parts["w"], alpha_init.name, bias_init.name,
+                                                    geo.name], list(node.output), name=node.name, domain=ops.DOMAIN)
         lowered = to_bitconv(binary, name, ctx)
-        lowered.initializers += [geo, alpha, bias]
+        lowered.initializers += [geo, alpha_init, bias_init]
         return lowered
 
 
-RULES = {(CUSTOM_DOMAIN, "BinaryConv"): BinaryConvRule(), ("", "Add"): EmulatedRule()}
+def rules() -> dict:
+    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvRule(), ("", "Add"): EmulatedRule()}

@@ -1,23 +1,25 @@
-"""onnxruntime sessions that can run onnxopt's custom ops.
+"""onnxruntime sessions that can run onnxopt's custom ops, and what runs models: feeds, run, compare.
 
-`session(model)` is what users call; `session_options()` gives SessionOptions with the
-com.onnxopt ops registered, for code that builds its own InferenceSession. Registration happens
-once per process (onnxruntime-extensions refuses a second registration of the same op).
+`session(model)` is what users call: a guarded InferenceSession that checks feeds before a custom op
+can see them. `session_options()` gives SessionOptions with the com.onnxopt ops registered, for code
+that builds its own InferenceSession (registration happens there, explicitly, once per process).
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import OnnxoptError
-from .model import CUSTOM_DOMAIN
+from .. import ops
+from ..errors import OnnxoptError
+from .guard import CustomOpShapes, check_feed, graph_inputs
 
 
 def _uses_custom_ops(model: onnx.ModelProto) -> bool:
-    return any(n.domain == CUSTOM_DOMAIN for n in model.graph.node)
+    return any(ops.is_custom(n) for n in model.graph.node)
 
 
 def _plain_options(optimize: bool, threads: int | None):
@@ -34,10 +36,10 @@ def _plain_options(optimize: bool, threads: int | None):
 
 def session_options(*, optimize: bool = True, threads: int | None = None):
     """onnxruntime.SessionOptions with the com.onnxopt custom ops registered."""
-    from . import ops  # registers the ops with onnxruntime-extensions on first import
+    from .pyop import register
 
     so = _plain_options(optimize, threads)
-    so.register_custom_ops_library(ops.library_path())
+    so.register_custom_ops_library(register())
     # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
     # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -48,10 +50,11 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True
     """An onnxruntime.InferenceSession for a plain, transformed or lowered model."""
     import tempfile
 
-    from .model import over_protobuf_limit, save_model
+    from ..model import over_protobuf_limit, save_model
 
     if isinstance(model, (str, os.PathLike)):
-        return _session(str(model), onnx.load(str(model), load_external_data=False), optimize, threads)
+        proto = onnx.load(str(model), load_external_data=False)  # the session reads the weights itself
+        return _session(str(model), proto, optimize, threads, base_dir=str(Path(model).parent))
     if not over_protobuf_limit(model):
         return _session(model.SerializeToString(), model, optimize, threads)
     # over protobuf's 2 GiB: a temporary copy with external data, read while the session is built
@@ -61,22 +64,45 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True
         return _session(str(path), model, optimize, threads)
 
 
-def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None):
+def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None, base_dir: str = ""):
     import onnxruntime as ort
 
-    if _uses_custom_ops(proto):
-        so = session_options(optimize=optimize, threads=threads)
-    else:
-        so = _plain_options(optimize, threads)
+    custom = _uses_custom_ops(proto)
+    if custom:
+        from ..model import Constants
+
+        ops.check_custom_nodes(proto.graph, Constants(proto.graph, base_dir).get)
+    so = session_options(optimize=optimize, threads=threads) if custom else _plain_options(optimize, threads)
+    cls = _guarded_session_class() if custom else ort.InferenceSession
     try:
-        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        sess = cls(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise OnnxoptError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
-    if _uses_custom_ops(proto):
-        from .ops import guard_session
-
-        guard_session(sess, proto)
+    if custom:
+        sess.guard(proto, base_dir)
     return sess
+
+
+@functools.cache
+def _guarded_session_class():
+    import onnxruntime as ort
+
+    class GuardedSession(ort.InferenceSession):
+        """An InferenceSession whose `run` checks feeds (guard.py) before a custom op can see them."""
+
+        def guard(self, model: onnx.ModelProto, base_dir: str = "") -> None:
+            self._inputs = graph_inputs(model)
+            self._shapes = CustomOpShapes(model, base_dir)
+
+        def run(self, output_names, input_feed, run_options=None):
+            for name, value in input_feed.items():
+                if name not in self._inputs:
+                    raise OnnxoptError(f"unknown input '{name}'; the model's inputs are {', '.join(self._inputs)}")
+                check_feed(name, np.asarray(value), self._inputs[name])
+            self._shapes.check(input_feed)
+            return super().run(output_names, input_feed, run_options)
+
+    return GuardedSession
 
 
 def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -101,25 +127,6 @@ def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.
     for name, vi in inputs.items():
         check_feed(name, feeds[name], vi, source=str(path))
     return feeds
-
-
-def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Inputs a caller must feed (initializers listed as inputs are not)."""
-    inits = {t.name for t in model.graph.initializer}
-    return {i.name: i for i in model.graph.input if i.name not in inits}
-
-
-def check_feed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str = "feed") -> None:
-    tt = vi.type.tensor_type
-    want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
-    if want is not None and array.dtype != want:
-        raise OnnxoptError(f"{source}: input '{name}' has dtype {array.dtype}, the model expects {np.dtype(want)}")
-    if tt.HasField("shape"):
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        if array.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, array.shape)):
-            shown = ["?" if d is None else str(d) for d in dims]
-            raise OnnxoptError(f"{source}: input '{name}' has shape {list(array.shape)}, "
-                               f"the model expects [{', '.join(shown)}]")
 
 
 def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> dict[str, np.ndarray]:

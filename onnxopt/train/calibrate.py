@@ -1,5 +1,8 @@
 """Calibration: layer activations from onnxruntime, and reconstruction from them.
 
+The layers come from the rewrite registries (`passes`): factor's rules name the input each dense layer
+needs, and the float reference of a binarized model is the `unbinarize` pass.
+
 - Gram matrices XᵀX of the inputs of dense layers, accumulated batch by batch (memory does not grow
   with the data), for the data-aware factorization in linalg.whitened_low_rank.
 - Binary-layer refit: layer by layer in graph order, α and bias of each BinaryConv are refit per output
@@ -14,12 +17,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .convgeom import Geometry
-from .errors import OnnxoptError
-from .kernels import reference
-from .model import CUSTOM_DOMAIN
-from .passes import remove_unused
-from .runtime import load_feeds, session
+from .. import ops
+from ..errors import OnnxoptError
+from ..kernels import reference
+from ..model import copy_model, unique_node_names
+from ..passes import Rules, apply_rules, op_key, unbinarize
+from ..runtime import load_feeds, session
 
 BATCH = 64
 
@@ -30,8 +33,10 @@ def batches(feeds: dict[str, np.ndarray], size: int = BATCH) -> Iterator[dict[st
         yield {k: v[start:start + size] for k, v in feeds.items()}
 
 
-def load_calibration(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    feeds = load_feeds(path, model)
+def load_calibration(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Calibration inputs from an .npz path, or a dict of arrays keyed by graph input name."""
+    feeds = dict(source) if isinstance(source, dict) else load_feeds(source, model)
+    path = "calibration" if isinstance(source, dict) else source
     sizes = {len(v) for v in feeds.values()}
     if len(sizes) != 1 or 0 in sizes:
         raise OnnxoptError(f"{path}: calibration arrays must share one non-empty first (sample) dimension")
@@ -39,8 +44,7 @@ def load_calibration(path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = copy_model(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.ValueInfoProto(name=n) for n in names if n not in present)
     return probe
@@ -53,8 +57,14 @@ def activations(model: onnx.ModelProto, feeds, names: list[str]) -> Iterator[dic
         yield dict(zip(names, sess.run(names, batch)))
 
 
-def dense_grams(model: onnx.ModelProto, feeds, layers: dict[str, tuple[str, bool]]) -> dict[str, np.ndarray]:
-    """{layer name: XᵀX} for layers given as {name: (input tensor, transposed)}; X is (rows, m)."""
+def dense_grams(model: onnx.ModelProto, feeds, rules: Rules) -> dict[str, np.ndarray]:
+    """{layer name: XᵀX} for the layers `rules` (factor's) take, each rule naming the input it needs
+    (`calibration_input(node) -> (tensor, transposed)`); X is (rows, m)."""
+    layers = {}
+    for node, name in zip(model.graph.node, unique_node_names(model.graph)):
+        rule = rules.get(op_key(node))
+        if rule is not None and hasattr(rule, "calibration_input"):
+            layers[name] = rule.calibration_input(node)
     tensors = sorted({t for t, _ in layers.values()})
     grams: dict[str, np.ndarray] = {}
     for acts in activations(model, feeds, tensors):
@@ -65,41 +75,12 @@ def dense_grams(model: onnx.ModelProto, feeds, layers: dict[str, tuple[str, bool
     return grams
 
 
-def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every BinaryConv turned back into the float Conv it came from."""
-    twin = onnx.ModelProto()
-    twin.CopyFrom(model)
-    consts = {t.name: numpy_helper.to_array(t) for t in twin.graph.initializer}
-    for node in twin.graph.node:
-        if node.domain == CUSTOM_DOMAIN and node.op_type == "BinaryConv":
-            g = Geometry.decode(consts[node.input[4]])
-            attrs = conv_attributes(g)
-            new = helper.make_node("Conv", [node.input[0], node.input[1], node.input[3]], list(node.output),
-                                   name=node.name, **attrs)
-            node.CopyFrom(new)
-    remove_unused(twin.graph)
-    return twin
-
-
-def conv_attributes(g: Geometry) -> dict:
-    one_d = g.spatial_rank == 1
-    attrs = {"strides": [g.strides[1]] if one_d else list(g.strides),
-             "dilations": [g.dilations[1]] if one_d else list(g.dilations)}
-    if g.auto_pad:
-        attrs["auto_pad"] = {1: "SAME_UPPER", 2: "SAME_LOWER", 3: "VALID"}[g.auto_pad]
-    else:
-        top, left, bottom, right = g.pads
-        attrs["pads"] = [left, right] if one_d else [top, left, bottom, right]
-    return attrs
-
-
 def refit_binary(model: onnx.ModelProto, feeds) -> onnx.ModelProto:
     """Refit α and bias of each BinaryConv, in graph order."""
-    fitted = onnx.ModelProto()
-    fitted.CopyFrom(model)
-    reference_model = float_twin(model)
+    fitted = copy_model(model)
+    reference_model = apply_rules(model, unbinarize.rules(), command="unbinarize")[0]
     inits = {t.name: t for t in fitted.graph.initializer}
-    layers = [n for n in fitted.graph.node if n.domain == CUSTOM_DOMAIN and n.op_type == "BinaryConv"]
+    layers = [n for n in fitted.graph.node if ops.is_custom(n, ops.BINARY_CONV)]
     for node in layers:
         x_name, w_name, a_name, b_name, g_name = node.input
         w = numpy_helper.to_array(inits[w_name])

@@ -1,0 +1,253 @@
+"""Typed options, one dataclass per pipeline step, validated once in `__post_init__`.
+
+The Python API and the CLI build the same dataclasses from the same keywords, so both give the same
+answer (and the same message) to the same input. The click options are generated from the fields'
+metadata (`cli.py`), so a new option is declared once, here.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import linalg
+from .errors import UsageError
+from .select import Selection
+
+
+def option(default: Any = None, help: str = "", *, metavar: str | None = None, flag: str | None = None,
+           short: str | None = None, repeat: bool = False, kind: type | None = None, cli: bool = True):
+    """A dataclass field with what the CLI needs to declare it: help text, metavar, the flag's name when it
+    is not `--field-name`, a short flag, repeatable or not, and the value type click should parse."""
+    meta = {"help": help, "metavar": metavar, "flag": flag, "short": short, "repeat": repeat, "kind": kind,
+            "cli": cli}
+    if repeat:
+        return field(default=(), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise UsageError(f"invalid {what} '{value}': choose one of {', '.join(choices)}")
+    return value
+
+
+@contextlib.contextmanager
+def _cwd_importable():
+    """The current directory on sys.path while importing a user's module (as `python -m` would), then
+    sys.path as it was."""
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+
+
+def load_function(spec: str | Callable | None, what: str) -> Callable | None:
+    """A callable as given, or imported from `module:function` (the current directory is searched too)."""
+    if spec is None or callable(spec):
+        return spec
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"invalid {what} '{spec}': expected module:function, e.g. mypkg.rank:choose")
+    try:
+        with _cwd_importable():
+            module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(f"{what} '{spec}': cannot import {module_name} ({type(exc).__name__}: {exc})") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UsageError(f"{what} '{spec}': {module_name} has no attribute '{attr}'")
+    if not callable(fn):
+        raise UsageError(f"{what} '{spec}': {attr} is not callable")
+    return fn
+
+
+def _pairs(values, what: str, separator: str = "=") -> list[tuple[str, Any]]:
+    """`KEY=VALUE` strings (or (key, value) pairs from Python) as pairs."""
+    pairs = []
+    for v in values:
+        if isinstance(v, tuple) and len(v) == 2:
+            pairs.append(v)
+            continue
+        key, sep, value = str(v).rpartition(separator) if what == "--rank-for" else str(v).partition(separator)
+        if not sep or not key:
+            shape = "PATTERN=RANK" if what == "--rank-for" else "KEY=VALUE"
+            raise UsageError(f"invalid {what} '{v}': expected {shape}")
+        pairs.append((key, value))
+    return pairs
+
+
+@dataclass
+class SelectOptions:
+    """Which layers a rewrite may touch."""
+
+    only: tuple = option(help="Change only layers matching PATTERN (repeatable).", metavar="PATTERN", repeat=True)
+    skip: tuple = option(help="Leave layers matching PATTERN alone (repeatable). A pattern matches a node name, a "
+                              "glob on it, or one '/'-separated part of it ('l1' matches '/l1/Gemm').",
+                         metavar="PATTERN", repeat=True)
+    filter_fn: Any = option(help="node -> bool; False leaves the node alone.", metavar="MODULE:FUNCTION")
+
+    def __post_init__(self):
+        self.only, self.skip = tuple(self.only), tuple(self.skip)
+        if any(not isinstance(p, str) or not p for p in self.only + self.skip):
+            raise UsageError("--only / --skip patterns must be non-empty strings")
+        self.filter_fn = load_function(self.filter_fn, "--filter-fn")
+
+    def selection(self, extra_patterns: list[tuple[str, str]] = ()) -> Selection:
+        return Selection(only=list(self.only), skip=list(self.skip), filter_function=self.filter_fn,
+                         extra=list(extra_patterns))
+
+
+@dataclass
+class FactorOptions:
+    """`factor`: how each dense layer's rank is chosen and how its factors are computed."""
+
+    rank: Any = option(help="Rank: a fraction of min(m,n) (0.6) or an integer (32).", metavar="R", kind=str)
+    energy: float | None = option(help="Smallest rank keeping share E of the sum of squared singular values.",
+                                  metavar="E", kind=float)
+    rank_for: tuple = option(help="Per-layer rank; first match wins (repeatable).", metavar="PATTERN=R", repeat=True)
+    projection_fn: Any = option(help="W (m x n numpy array) -> rank k.", metavar="MODULE:FUNCTION")
+    factor_fn: Any = option(help="(W, k) -> (U, V), replacing the SVD.", metavar="MODULE:FUNCTION")
+    allow_growth: bool = option(False, "Factor even layers where k(m+n) >= m*n (e.g. full-rank checks).")
+    seed: int = option(0, "Seed of the randomized SVD.", cli=False)
+
+    def __post_init__(self):
+        if self.rank is None and self.energy is None and self.projection_fn is None and not self.rank_for:
+            raise UsageError("give a rank: --rank 0.6, --rank 32, --energy 0.95 or --projection-fn")
+        if self.rank is not None and self.energy is not None:
+            raise UsageError("--rank and --energy exclude each other")
+        self.rank_spec = linalg.RankSpec.parse(self.rank) if self.rank is not None else None
+        if self.energy is not None:
+            linalg.parse_energy(self.energy)
+        self.rank_overrides = [(p, linalg.RankSpec.parse(r)) for p, r in _pairs(self.rank_for, "--rank-for")]
+        self.projection_function = load_function(self.projection_fn, "--projection-fn")
+        self.factor_function = load_function(self.factor_fn, "--factor-fn")
+
+
+SCALES = ("channel", "tensor", "none")
+STAGES = ("transform", "all")
+
+
+@dataclass
+class BinarizeOptions:
+    """`binarize`: the scale of the binarized weights and where the pipeline stops."""
+
+    scale: str = option("channel", f"alpha: mean |W| per output channel, one for the tensor, or 1 "
+                                   f"({'|'.join(SCALES)}).", metavar="|".join(SCALES))
+    stage: str = option("all", "transform: stop at the trainable BinaryConv model; all: lower to bit-packed "
+                               "BitConv too.", metavar="|".join(STAGES))
+    emulate: bool = option(False, "Write the transformed model in standard ONNX ops only (Greater/Where + Conv + "
+                                  "Mul/Add) for external trainers; implies --stage transform. `onnxopt lower` "
+                                  "reads it back.")
+
+    def __post_init__(self):
+        _choice(self.scale, SCALES, "scale")
+        _choice(self.stage, STAGES, "stage")
+
+
+@dataclass
+class LowerOptions:
+    """`lower` (also the last step of `binarize`)."""
+
+    keep_batchnorm: bool = option(False, "Do not fold a BatchNormalization after a lowered conv into its "
+                                          "alpha/bias (folding saves a pass over the output; outputs then differ "
+                                          "by float32 rounding only).")
+
+
+@dataclass
+class RecoverOptions:
+    """What recovers accuracy after a rewrite: calibration data, a training hook or an external trainer."""
+
+    calibration: Any = option(help="Inputs keyed by graph input name: data-aware factors / refit of binarized "
+                                   "layers.", metavar="FILE.npz")
+    train_hook: Any = option(help="function(model, **hook_args) -> model: fine-tunes the transformed model "
+                                  "(values only).", metavar="MODULE:FUNCTION")
+    hook_arg: tuple = option(help="Keyword argument for --train-hook.", metavar="KEY=VALUE", repeat=True)
+    train_cmd: str | None = option(help="External trainer, e.g. \"python train.py {input} {output}\": gets the "
+                                        "transformed model, writes the trained one.", metavar="COMMAND")
+    train_timeout: float | None = option(help="Stop --train-hook / --train-cmd after SECONDS (exit 1, nothing "
+                                              "written).", metavar="SECONDS", kind=float)
+
+    def __post_init__(self):
+        if self.train_hook is not None and self.train_cmd is not None:
+            raise UsageError("--train-hook and --train-cmd exclude each other")
+        if self.train_timeout is not None and not self.train_timeout > 0:
+            raise UsageError(f"invalid --train-timeout {self.train_timeout}: give a number of seconds > 0")
+        if self.train_cmd is not None and ("{input}" not in self.train_cmd or "{output}" not in self.train_cmd):
+            raise UsageError(f"invalid --train-cmd '{self.train_cmd}': it must contain {{input}} and {{output}}")
+        self.hook_kwargs = dict(_pairs(self.hook_arg, "--hook-arg"))
+        self.train_function = load_function(self.train_hook, "--train-hook")
+        if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
+            raise UsageError(f"{self.calibration}: no such calibration file")
+        if self.calibration is not None and not isinstance(self.calibration, (str, os.PathLike, dict)):
+            raise UsageError("calibration must be an .npz path or a dict of arrays keyed by input name")
+
+    @property
+    def trains(self) -> bool:
+        return self.train_function is not None or self.train_cmd is not None
+
+
+@dataclass
+class CheckOptions:
+    """Run both models and compare outputs; gate on the difference."""
+
+    check: int | None = option(help="Run N inputs through both models and print the max output difference.",
+                               metavar="N", kind=int)
+    data: Any = option(help=".npz of inputs for --check (keyed by input name).", metavar="FILE.npz")
+    max_error: float | None = option(help="With --check: fail (exit 1, nothing written) if the max relative "
+                                          "difference exceeds X.", metavar="X", kind=float)
+
+    def __post_init__(self):
+        if self.check is not None and self.check < 1:
+            raise UsageError(f"invalid --check {self.check}: give a number of samples >= 1")
+        if self.max_error is not None and not self.max_error >= 0:
+            raise UsageError(f"invalid --max-error {self.max_error}: give a relative difference >= 0")
+        if isinstance(self.data, dict):
+            self.data = {k: np.asarray(v) for k, v in self.data.items()}
+
+    @property
+    def wanted(self) -> bool:
+        return self.check is not None or self.data is not None or self.max_error is not None
+
+
+@dataclass
+class SaveOptions:
+    """Where and how the result is written (nothing is written without `output`)."""
+
+    output: Any = option(help="Output path (default: <stem>.<command>ed.onnx beside the input).", short="-o",
+                         metavar="PATH")
+    force: bool = option(False, "Overwrite an existing output file (never the input).")
+    external_data: bool = option(False, "Store weights in <output>.data beside the model.")
+    strict: bool = option(False, "Exit 1 when no layer was changed.")
+
+
+# the option groups of each command, in the order the CLI lists them
+COMMAND_OPTIONS: dict[str, tuple[type, ...]] = {
+    "factor": (FactorOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
+    "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
+    "lower": (LowerOptions, CheckOptions, SaveOptions),
+}
+
+
+def parse(command: str, values: dict[str, Any]) -> dict[type, Any]:
+    """The option dataclasses of `command`, built (and validated) from keyword values; unknown keys are
+    refused. Validation runs group by group in COMMAND_OPTIONS order, so the first error is the same for the
+    API and the CLI."""
+    groups = COMMAND_OPTIONS[command]
+    known = {f.name: cls for cls in groups for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UsageError(f"unknown option(s) for {command}: {', '.join(unknown)}")
+    return {cls: cls(**{k: v for k, v in values.items() if known[k] is cls}) for cls in groups}
