@@ -1,22 +1,18 @@
-"""Command line: each command parses options, calls the public API, prints, and maps errors to exit codes.
-
-The rewriting commands' options are generated from the option dataclasses (options.py), so the CLI and
-the API take the same names and give the same messages. Exit codes: 0 done, 1 a failure (bad model,
-failed gate, write error), 2 a usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
-"""
+"""Command line: each command parses options, calls the public API (api.py), prints, and maps errors to exit
+codes: 0 done, 1 a failure (bad model, failed gate, write error), 2 a usage error, 130 Ctrl-C, 143 SIGTERM.
+The rewriting commands' options are generated from the option dataclasses (options.py)."""
 from __future__ import annotations
 
 import dataclasses
 import os
 import signal
 import sys
+import threading
 
 import click
 
 from .errors import GateFailed, OnnxoptError
 from .options import COMMAND_OPTIONS
-
-SUFFIX = {"factor": "factored", "binarize": "binarized", "lower": "lowered"}
 
 
 class Terminated(BaseException):
@@ -33,7 +29,8 @@ def _fail(message: str, code: int):
 
 
 def main(argv=None):
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    in_main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -51,7 +48,8 @@ def main(argv=None):
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (set ONNXOPT_DEBUG=1 for a traceback)", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,12 +61,8 @@ def cli():
 def _field_option(f, fld: dataclasses.Field):
     meta = fld.metadata
     names = [n for n in (meta["short"], meta["flag"] or "--" + fld.name.replace("_", "-")) if n]
-    if meta["repeat"]:
-        kind = {"multiple": True}
-    elif fld.default is False:
-        kind = {"is_flag": True}
-    else:
-        kind = {"type": meta["kind"] or str, "default": fld.default, "show_default": fld.default is not None}
+    kind = ({"multiple": True} if meta["repeat"] else {"is_flag": True} if fld.default is False else
+            {"type": meta["kind"] or str, "default": fld.default, "show_default": fld.default is not None})
     return click.option(*names, fld.name, help=meta["help"], metavar=meta["metavar"], **kind)(f)
 
 
@@ -95,51 +89,35 @@ def _progress(quiet: bool):
     return bar
 
 
-def _rewrite(command: str, model_path: str, as_json: bool, quiet: bool, options: dict) -> None:
-    from . import api
-    from .model import default_output
-
-    if not options["output"] and os.path.basename(os.path.normpath(model_path)) not in ("", ".", ".."):
-        options["output"] = default_output(model_path, SUFFIX[command])
-    try:
-        _, report = getattr(api, command)(model_path, progress=_progress(quiet or as_json), **options)
-    except GateFailed as exc:
-        if exc.report is not None:
-            _print_report(exc.report, as_json)
-        raise
-    _print_report(report, as_json)
-
-
 def _print_report(report, as_json):
-    if as_json:
-        click.echo(report.to_json())
-        return
-    click.echo(report.table())
-    for w in report.warnings:
+    click.echo(report.to_json() if as_json else report.text())
+    for w in [] if as_json else report.warnings:
         click.echo(f"onnxopt: warning: {w}", err=True)
-    if report.output:
-        click.echo(f"wrote {report.output}")
 
 
-@cli.command()
-@_command_options("factor")
-def factor(model_path, as_json, quiet, **options):
-    """Replace Gemm and MatMul(X, constant W) by two low-rank MatMuls: W (m x n) ~ U (m x k) . V (k x n)."""
-    _rewrite("factor", model_path, as_json, quiet, options)
+def _rewrite_command(command: str, suffix: str, help: str):
+    def run_command(model_path, as_json, quiet, **options):
+        from . import api
+        from .model import default_output
+
+        options["output"] = options["output"] or default_output(model_path, suffix)
+        try:
+            _, report = getattr(api, command)(model_path, progress=_progress(quiet or as_json), **options)
+        except GateFailed as exc:
+            if exc.report is not None:
+                _print_report(exc.report, as_json)
+            raise
+        _print_report(report, as_json)
+
+    cli.command(name=command, help=help)(_command_options(command)(run_command))
 
 
-@cli.command()
-@_command_options("binarize")
-def binarize(model_path, as_json, quiet, **options):
-    """Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, b(v) = +1 if v > 0 else -1."""
-    _rewrite("binarize", model_path, as_json, quiet, options)
-
-
-@cli.command()
-@_command_options("lower")
-def lower(model_path, as_json, quiet, **options):
-    """Replace trainable BinaryConv ops by the native bit-packed BitConv (weights stored as bits)."""
-    _rewrite("lower", model_path, as_json, quiet, options)
+_rewrite_command("factor", "factored", "Replace Gemm and MatMul(X, constant W) by two low-rank MatMuls: "
+                                       "W (m x n) ~ U (m x k) . V (k x n).")
+_rewrite_command("binarize", "binarized", "Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, "
+                                          "b(v) = +1 if v > 0 else -1.")
+_rewrite_command("lower", "lowered", "Replace trainable BinaryConv ops by the native bit-packed BitConv "
+                                     "(weights stored as bits).")
 
 
 @cli.command()
@@ -187,8 +165,8 @@ def compare(model_a, model_b, data, labels, as_json, min_accuracy, max_drop):
     from .report import compare_text
 
     try:
-        result = api.compare(model_a, model_b, data, labels=labels, min_accuracy=min_accuracy, max_drop=max_drop)
-    except GateFailed as exc:
+        click.echo(compare_text(api.compare(model_a, model_b, data, labels=labels, min_accuracy=min_accuracy,
+                                            max_drop=max_drop), as_json))
+    except GateFailed as exc:  # the figures, then the failed gate's line
         click.echo(compare_text(exc.report, as_json))
         raise
-    click.echo(compare_text(result, as_json))

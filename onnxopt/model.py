@@ -97,10 +97,10 @@ def _one_line(message: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def default_output(input_path: str | os.PathLike, suffix: str) -> Path:
-    """`model.onnx` → `model.<suffix>.onnx` beside the input."""
-    p = Path(input_path)
-    return p.with_name(f"{p.stem}.{suffix}.onnx")
+def default_output(input_path: str | os.PathLike, suffix: str) -> Path | None:
+    """`model.onnx` → `model.<suffix>.onnx` beside the input (None for a path with no file name)."""
+    p = Path(os.path.normpath(input_path))
+    return p.with_name(f"{p.stem}.{suffix}.onnx") if p.name not in ("", ".", "..") else None
 
 
 def _check_target(path: Path, force: bool, protected: list[Path]) -> None:

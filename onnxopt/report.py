@@ -86,6 +86,10 @@ class Report:
             lines.append(format_check(self.check))
         return "\n".join(lines)
 
+    def text(self) -> str:
+        """The table, and where the result was written."""
+        return self.table() + (f"\nwrote {self.output}" if self.output else "")
+
 
 def format_check(check: dict) -> str:
     parts = [f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}"

@@ -104,9 +104,10 @@ def candidate_names(model: onnx.ModelProto, rules: Rules) -> list[str]:
     return [name for node, name in zip(g.node, unique_node_names(g)) if op_key(node) in rules]
 
 
-def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection = Selection(), *, command: str,
+def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | None = None, *, command: str,
                 progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run one pass over the main graph and return (new model, report). The input is not modified."""
+    selection = selection or Selection()
     model = copy_model(model)
     report = Report(command=command)
     report.warnings += _rename_repeated(model.graph)
