@@ -1,0 +1,219 @@
+"""The library's shape: API entry points, API/CLI agreement, the README's examples, the import graph."""
+import ast
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import onnxopt
+from conftest import MODELS, ROOT, cli, run_cli, sha256
+from onnxopt.errors import GateFailed, UsageError
+
+PACKAGE = ROOT / "onnxopt"
+
+
+# ---- API/CLI agreement: the same bad input, the same message ----------------------------------------
+
+@pytest.mark.parametrize("command,kwargs,argv", [
+    ("factor", {}, []),
+    ("factor", {"rank": "0"}, ["--rank", "0"]),
+    ("factor", {"rank": "1.5"}, ["--rank", "1.5"]),
+    ("factor", {"rank": 2, "energy": 0.9}, ["--rank", "2", "--energy", "0.9"]),
+    ("factor", {"energy": 1.5}, ["--energy", "1.5"]),
+    ("factor", {"rank": 4, "rank_for": ["nothing_here=2"]}, ["--rank", "4", "--rank-for", "nothing_here=2"]),
+    ("factor", {"rank": 4, "rank_for": ["noequals"]}, ["--rank", "4", "--rank-for", "noequals"]),
+    ("factor", {"rank": 4, "skip": ["nothing_here"]}, ["--rank", "4", "--skip", "nothing_here"]),
+    ("factor", {"rank": 4, "only": ["nothing_here"]}, ["--rank", "4", "--only", "nothing_here"]),
+    ("factor", {"rank": 4, "projection_fn": "nomodule:f"}, ["--rank", "4", "--projection-fn", "nomodule:f"]),
+    ("factor", {"rank": 4, "check": 0}, ["--rank", "4", "--check", "0"]),
+    ("factor", {"rank": 4, "max_error": -1.0}, ["--rank", "4", "--max-error", "-1"]),
+    ("factor", {"rank": 4, "train_hook": "a:b", "train_cmd": "t {input} {output}"},
+     ["--rank", "4", "--train-hook", "a:b", "--train-cmd", "t {input} {output}"]),
+    ("factor", {"rank": 4, "train_cmd": "python train.py"}, ["--rank", "4", "--train-cmd", "python train.py"]),
+    ("factor", {"rank": 4, "train_timeout": 0.0}, ["--rank", "4", "--train-timeout", "0"]),
+    ("factor", {"rank": 4, "hook_arg": ["novalue"]}, ["--rank", "4", "--hook-arg", "novalue"]),
+    ("binarize", {"scale": "weird"}, ["--scale", "weird"]),
+    ("binarize", {"stage": "later"}, ["--stage", "later"]),
+    ("binarize", {"calibration": "missing.npz"}, ["--calibration", "missing.npz"]),
+])
+def test_api_and_cli_refuse_with_the_same_message(tmp_path, command, kwargs, argv):
+    model = MODELS / ("mlp.onnx" if command == "factor" else "cnn.onnx")
+    with pytest.raises(UsageError) as api_error:
+        getattr(onnxopt, command)(model, output=tmp_path / "out.onnx", **kwargs)
+    code, _, err = run_cli(command, model, *argv, "-o", tmp_path / "out.onnx")
+    assert code == 2
+    assert err.strip() == f"onnxopt: error: {api_error.value}"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unknown_keyword_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown option.*rnak"):
+        onnxopt.factor(MODELS / "mlp.onnx", rnak="0.5")
+
+
+# ---- the API does what the CLI does ------------------------------------------------------------------
+
+def test_api_check_gate_and_save(tmp_path):
+    out = tmp_path / "f.onnx"
+    model, report = onnxopt.factor(MODELS / "mlp.onnx", rank="1.0", allow_growth=True, data=MODELS / "mlp_test.npz",
+                                   max_error=1e-4, output=out)
+    assert report.output == str(out) and out.exists() and report.check["max_rel"] < 1e-4
+    assert report.steps == ["factor", "check"]
+    with pytest.raises(GateFailed, match="exceeds --max-error") as failed:
+        onnxopt.factor(MODELS / "mlp.onnx", rank=2, check=4, max_error=0.01, output=tmp_path / "x.onnx")
+    assert failed.value.report.check["max_rel"] > 0.01 and not (tmp_path / "x.onnx").exists()
+    with pytest.raises(GateFailed, match="no layer was changed"):
+        onnxopt.factor(MODELS / "mlp.onnx", rank="1.0", strict=True)
+
+
+def test_api_never_writes_over_its_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    shutil.copy(MODELS / "mlp.onnx", src)
+    before = sha256(src)
+    with pytest.raises(UsageError, match="is the input model"):
+        onnxopt.factor(src, rank="0.5", output=src, force=True)
+    assert sha256(src) == before
+
+
+def test_binarize_pipeline_report_is_one_object():
+    lowered, report = onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"])
+    assert report.steps == ["binarize", "lower", "fold"]
+    rows = {x.name: x for x in report.layers}
+    assert rows["/conv2/Conv"].action == "binarized" and rows["/conv2/Conv"].bytes_after == 64 * 9 * 8
+    assert [n.op_type for n in lowered.graph.node].count("BitConv") == 2
+
+
+def test_run_check_compare(tmp_path):
+    trainable, _ = onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], stage="transform")
+    native, _ = onnxopt.lower(trainable)
+    outputs = onnxopt.run(native, MODELS / "cnn_test.npz")
+    assert outputs["logits"].shape == (1000, 10)
+    assert onnxopt.check(trainable, native, data=MODELS / "cnn_test.npz")["max_rel"] == 0.0
+    same = onnxopt.compare(MODELS / "cnn.onnx", MODELS / "cnn.onnx", MODELS / "cnn_test.npz", max_drop=0)
+    assert same["top1_agreement"] == 1.0
+    with pytest.raises(GateFailed, match="more than --max-drop"):
+        onnxopt.compare(MODELS / "cnn.onnx", native, MODELS / "cnn_test.npz", max_drop=0.01)
+
+
+def test_hooks_leave_sys_path_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "myhooks.py").write_text("def keep(model, **kw):\n    return model\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], stage="transform", train_hook="myhooks:keep")
+    assert sys.path == before
+
+
+def test_importing_the_package_registers_nothing():
+    code = ("import onnxopt, onnxopt.api, onnxopt.runtime, onnxopt.runtime.pyop as p, sys; "
+            "assert p._library_path is None and not p._ours; print('clean')")
+    r = __import__("subprocess").run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stderr
+
+
+# ---- README ----------------------------------------------------------------------------------------
+
+def _readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_python_api_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    (block,) = [b for b in _readme_blocks("python") if "import onnxopt" in b]
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `onnxopt ...` line of the README's bash blocks (continuations joined), except those that need
+    what a test machine lacks: torch, a user's train.py or module."""
+    commands = []
+    for block in _readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("onnxopt ") and not re.search(r"finetune_ste|train\.py|mypkg", line):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_readme_commands_run(tmp_path):
+    shutil.copytree(MODELS, tmp_path / "models", ignore=shutil.ignore_patterns("*.py"))
+    commands = _readme_commands()
+    assert len(commands) >= 10
+    for args in commands:
+        if args[0] in ("factor", "binarize", "lower"):
+            args = args + ["--force"]  # several examples write the same default output
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 0, (args, r.stderr)
+
+
+# ---- the import graph --------------------------------------------------------------------------------
+
+def import_graph() -> dict[str, set[str]]:
+    """module → package modules it imports (function-level imports included)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:  # `from . import x` may name a submodule
+                    sub = f"{module}.{alias.name}"
+                    targets.add(sub if (ROOT / (sub.replace(".", "/") + ".py")).exists()
+                                or (ROOT / sub.replace(".", "/")).is_dir() else module)
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("onnxopt")}
+        graph[name] = {t for t in targets if t != name}
+    return graph
+
+
+def _cycle(graph):
+    state = {}
+
+    def visit(n, stack):
+        state[n] = "open"
+        for m in graph.get(n, ()):
+            if state.get(m) == "open":
+                return stack + [m]
+            if m not in state:
+                found = visit(m, stack + [m])
+                if found:
+                    return found
+        state[n] = "done"
+        return None
+
+    for n in graph:
+        if n not in state:
+            found = visit(n, [n])
+            if found:
+                return found
+    return None
+
+
+def test_import_graph_has_no_cycle_and_no_upward_arrow():
+    graph = import_graph()
+    assert _cycle(graph) is None, _cycle(graph)
+    for module, targets in graph.items():
+        if module.startswith("onnxopt.passes"):
+            assert not {t for t in targets if re.match(r"onnxopt\.(train|runtime|pipeline|api|cli)", t)}, module
+        if module.startswith("onnxopt.kernels"):
+            assert all(t.startswith("onnxopt.kernels") or t == "onnxopt.convgeom" for t in targets), module
+
+
+def test_no_function_over_sixty_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.name}")
+    assert not long
+
+
+if __name__ == "__main__":  # the import graph, for the closing note
+    for module, targets in sorted(import_graph().items()):
+        print(f"{module} -> {', '.join(sorted(targets)) or '-'}")
