@@ -155,6 +155,8 @@ def run(model, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> dict[s
     names = [o.name for o in sess.get_outputs()]
     try:
         return dict(zip(names, sess.run(names, feeds)))
+    except OnnxoptError:
+        raise
     except Exception as exc:
         raise OnnxoptError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
 
@@ -187,6 +189,8 @@ def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, data_path, *, labels:
         names = [o.name for o in sess.get_outputs()]
         try:
             values = sess.run(names, feeds)
+        except OnnxoptError:
+            raise
         except Exception as exc:
             raise OnnxoptError(f"{tag}: onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
         times = []
