@@ -398,3 +398,26 @@ def test_fuzzed_custom_op_constants_and_spatial_sizes_never_abort(model, h, w, n
     except OnnxoptError:
         return  # refused before the op ran
     assert y.shape[0] == n  # ran: it was a valid feed
+
+
+TRANSFORMED = onnxopt.binarize(two_layer_symbolic(np.random.default_rng(1)), stage="transform")[0]
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, database=None,
+          derandomize="FUZZ_EXAMPLES" not in os.environ, suppress_health_check=[HealthCheck.too_slow])
+@given(h=st.integers(0, 14), w=st.integers(0, 14), n=st.integers(0, 3))
+def test_spatial_sizes_of_a_valid_lowered_model(h, w, n):
+    """Every size either runs, equal to the float emulation (BinaryConv) bit for bit, or is refused by both."""
+    x = np.random.default_rng(h * 100 + w).standard_normal((n, 8, h, w)).astype(np.float32)
+    results = []
+    for model in (LOWERED, TRANSFORMED):
+        try:
+            results.append(onnxopt.session(model).run(None, {"x": x})[0])
+        except OnnxoptError as exc:
+            results.append(str(exc).split(":")[0])
+    lowered, emulated = results
+    if isinstance(lowered, str) or isinstance(emulated, str):
+        assert isinstance(lowered, str) and isinstance(emulated, str), (h, w, results)
+        assert min(h, w) < 8  # 8x8 is the smallest input both layers take
+    else:
+        assert np.array_equal(lowered, emulated)
