@@ -94,18 +94,21 @@ def input_problem(op_type: str, x_shape, w: np.ndarray, geometry: np.ndarray) ->
     return None
 
 
-def check_custom_nodes(graph: onnx.GraphProto, constant, name_of=lambda node: node.name) -> None:
-    """Raise OnnxoptError for the first com.onnxopt node whose constants a kernel could not take.
-    `constant(tensor_name)` returns the value or None (a non-constant input is left to run-time checks)."""
-    for node in graph.node:
+def check_custom_nodes(graph: onnx.GraphProto, constant) -> None:
+    """Raise OnnxoptError for the first com.onnxopt node whose constants a kernel could not take (or are not
+    constants at all). `constant(tensor_name)` returns the value or None."""
+    from .model import unique_node_names
+
+    names = unique_node_names(graph)
+    for index, node in enumerate(graph.node):
         if not is_custom(node) or node.op_type not in OP_TYPES:
             continue
         if len(node.input) != 5:
-            raise OnnxoptError(f"{node.op_type} '{name_of(node)}' has {len(node.input)} inputs, expected 5")
+            raise OnnxoptError(f"{node.op_type} '{names[index]}' has {len(node.input)} inputs, expected 5")
         values = [constant(t) for t in node.input[1:]]
         if any(v is None for v in values):
             missing = next(t for t, v in zip(node.input[1:], values) if v is None)
-            raise OnnxoptError(f"{node.op_type} '{name_of(node)}': input '{missing}' is not a constant")
+            raise OnnxoptError(f"{node.op_type} '{names[index]}': input '{missing}' is not a constant")
         problem = constants_problem(node.op_type, *values)
         if problem:
-            raise OnnxoptError(f"{node.op_type} '{name_of(node)}': {problem}")
+            raise OnnxoptError(f"{node.op_type} '{names[index]}': {problem}")

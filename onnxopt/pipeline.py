@@ -15,7 +15,7 @@ from typing import Any, Callable
 import onnx
 
 from . import options as opt
-from .errors import GateFailed
+from .errors import GateFailed, UsageError
 from .passes import Progress, Rules, apply_rules, candidate_names
 from .report import Report
 
@@ -44,8 +44,6 @@ class Rewrite:
 def _check_patterns(selection, names: list[str], kinds: str) -> None:
     """A pattern that matches no candidate layer is a usage error (a typo would otherwise change the
     wrong layers, or none), the same for --only, --skip and --rank-for."""
-    from .errors import UsageError
-
     for flag, pattern in selection.unused_patterns(names):
         raise UsageError(f"{flag} pattern '{pattern}' matches no {kinds} layer")
 
@@ -173,11 +171,10 @@ class ValidateCustomOps:
     name: str = "validate"
 
     def __call__(self, model, report):
-        from .passes import GraphContext
+        from .model import Constants
         from .ops import check_custom_nodes
 
-        ctx = GraphContext(model)
-        check_custom_nodes(model.graph, ctx.constant, ctx.name_of)
+        check_custom_nodes(model.graph, Constants(model.graph).get)
         return model, report
 
 

@@ -71,7 +71,8 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
     if custom:
         from ..model import Constants
 
-        ops.check_custom_nodes(proto.graph, Constants(proto.graph, base_dir).get)
+        constants = Constants(proto.graph, base_dir)
+        ops.check_custom_nodes(proto.graph, constants.get)
     so = session_options(optimize=optimize, threads=threads) if custom else _plain_options(optimize, threads)
     cls = _guarded_session_class() if custom else ort.InferenceSession
     try:
@@ -79,7 +80,7 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
     except Exception as exc:
         raise OnnxoptError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
     if custom:
-        sess.guard(proto, base_dir)
+        sess.guard(proto, constants)
     return sess
 
 
@@ -90,9 +91,9 @@ def _guarded_session_class():
     class GuardedSession(ort.InferenceSession):
         """An InferenceSession whose `run` checks feeds (guard.py) before a custom op can see them."""
 
-        def guard(self, model: onnx.ModelProto, base_dir: str = "") -> None:
+        def guard(self, model: onnx.ModelProto, constants) -> None:
             self._inputs = graph_inputs(model)
-            self._shapes = CustomOpShapes(model, base_dir)
+            self._shapes = CustomOpShapes(model, constants)
 
         def run(self, output_names, input_feed, run_options=None):
             for name, value in input_feed.items():

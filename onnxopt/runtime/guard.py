@@ -38,17 +38,12 @@ def check_feed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: st
 class CustomOpShapes:
     """For a model with com.onnxopt ops: which feed shapes each custom op can take."""
 
-    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
-        constants = Constants(model.graph, base_dir)
+    def __init__(self, model: onnx.ModelProto, constants: Constants):
         self.layers = []  # (node name, op type, input tensor, weight, geometry)
         twin = copy_model(model)
-        for node in twin.graph.node:
-            if ops.is_custom(node) and node.op_type in ops.OP_TYPES and len(node.input) == 5:
+        for node in twin.graph.node:  # constants already passed ops.check_custom_nodes (session creation)
+            if ops.is_custom(node) and node.op_type in ops.OP_TYPES:
                 w, geometry = constants.get(node.input[1]), constants.get(node.input[4])
-                if w is None or geometry is None or ops.constants_problem(
-                        node.op_type, w, np.zeros(ops.kernel_shape(node.op_type, w)[0], np.float32),
-                        np.zeros(ops.kernel_shape(node.op_type, w)[0], np.float32), geometry):
-                    continue  # constants are judged elsewhere (session creation)
                 self.layers.append((node.name, node.op_type, node.input[0], w, geometry))
                 node.CopyFrom(_conv_stand_in(node, w, geometry, twin.graph))
         self.twin = twin

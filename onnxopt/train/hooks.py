@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 
 from ..errors import OnnxoptError, UsageError
-from ..model import Constants, copy_model, unique_node_names
+from ..model import Constants, copy_model
 from ..ops import check_custom_nodes
 
 KILL_GRACE_S = 5  # after SIGTERM, how long a trainer gets before SIGKILL
@@ -65,9 +65,8 @@ def run_training(train_function: Callable, model: onnx.ModelProto, *, timeout: f
     problem = graph_change(before, trained)
     if problem:
         raise OnnxoptError(f"training hook changed the graph ({problem}); only weight values may change")
-    names = dict(zip((id(n) for n in trained.graph.node), unique_node_names(trained.graph)))
     try:
-        check_custom_nodes(trained.graph, Constants(trained.graph).get, lambda n: names.get(id(n), n.name))
+        check_custom_nodes(trained.graph, Constants(trained.graph).get)
     except OnnxoptError as exc:
         raise OnnxoptError(f"training hook left invalid values: {exc}") from None
     return trained
