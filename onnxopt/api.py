@@ -62,6 +62,7 @@ def inspect(model: Model) -> list[dict]:
 
     source, _ = _source(model)
     ctx = GraphContext(source)
+    # a rule's check does not depend on its options (rank, scale): any valid options give the same verdicts
     passes = {"factor": factor_pass.rules(opt.FactorOptions(rank="0.5")),
               "binarize": binarize_pass.rules(opt.BinarizeOptions())}
     rows = []

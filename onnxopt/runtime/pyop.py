@@ -88,7 +88,7 @@ def register() -> str:
                 declared = onnx_op(op_type=f"{ops.DOMAIN}::{op_type}",
                                    inputs=[PyOp.dt_float, weight_type, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],
                                    outputs=[PyOp.dt_float])(body)
-                _ours[declared._id] = _guarded(op_type, body)
+                _ours[declared._id] = _guarded(op_type, body)  # the id the library passes to the bridge
             PyCustomOpDef.install_hooker(_invoke)
             _library_path = get_library_path()
     return _library_path
