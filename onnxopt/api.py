@@ -95,18 +95,12 @@ def _flops(node, w, ctx) -> int:
     return int(2 * w.size * rows)
 
 
-def _feeds(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    from . import runtime
-
-    return {k: np.asarray(v) for k, v in data.items()} if isinstance(data, dict) else runtime.load_feeds(data, model)
-
-
 def run(model: Model, data) -> dict[str, np.ndarray]:
     """Outputs of any model (plain, transformed, lowered) on `data` (.npz path or dict keyed by input name)."""
     from . import runtime
 
     source, _ = _source(model)
-    feeds = _feeds(data, source)
+    feeds = runtime.feeds_from(data, source)
     # from the file when there is one: no 2 GiB re-serialization
     return runtime.run(model if not isinstance(model, onnx.ModelProto) else source, feeds)
 
@@ -117,7 +111,7 @@ def check(reference: Model, candidate: Model, *, data=None, samples: int = 8) ->
     from . import runtime
 
     a, b = _source(reference)[0], _source(candidate)[0]
-    feeds = _feeds(data, a) if data is not None else runtime.random_feeds(a, samples)
+    feeds = runtime.feeds_from(data, a) if data is not None else runtime.random_feeds(a, samples)
     return runtime.compare_outputs(a, b, feeds)
 
 

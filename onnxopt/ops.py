@@ -15,23 +15,17 @@ import onnx
 
 from .convgeom import Geometry, geometry_problem
 from .errors import OnnxoptError
+from .kernels.packing import words as packed_words
 
 DOMAIN = "com.onnxopt"
 OPSET = 1
 BINARY_CONV = "BinaryConv"
 BIT_CONV = "BitConv"
 OP_TYPES = (BINARY_CONV, BIT_CONV)
-WORD = 64
 
 
 def is_custom(node: onnx.NodeProto, op_type: str | None = None) -> bool:
     return node.domain == DOMAIN and (op_type is None or node.op_type == op_type)
-
-
-def add_opset_import(model: onnx.ModelProto) -> None:
-    """Add the com.onnxopt opset import (once); IR version and other opsets stay as they are."""
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET))
 
 
 def _vector_problem(role: str, v: np.ndarray, out_channels: int) -> str | None:
@@ -57,7 +51,7 @@ def constants_problem(op_type: str, w: np.ndarray, alpha: np.ndarray, bias: np.n
         return problem
     g = Geometry.decode(geometry)
     if op_type == BIT_CONV:
-        words = -(-g.channels // WORD)
+        words = packed_words(g.channels)
         if w.dtype != np.uint64 or w.ndim != 4 or w.shape[2] != words or 0 in w.shape:
             return (f"packed weight must be uint64 [kh, kw, {words}, O] for {g.channels} channels, "
                     f"got {w.dtype} of shape {list(w.shape)}")

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from . import linalg
 from .errors import UsageError
@@ -214,8 +213,6 @@ class CheckOptions:
             raise UsageError(f"invalid --check {self.check}: give a number of samples >= 1")
         if self.max_error is not None and not self.max_error >= 0:
             raise UsageError(f"invalid --max-error {self.max_error}: give a relative difference >= 0")
-        if isinstance(self.data, dict):
-            self.data = {k: np.asarray(v) for k, v in self.data.items()}
 
     @property
     def wanted(self) -> bool:

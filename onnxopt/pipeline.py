@@ -23,7 +23,7 @@ Step = Callable[[onnx.ModelProto, Report], tuple[onnx.ModelProto, Report]]
 
 
 @dataclass
-class Rewrite:
+class Pass:
     """One rewrite pass over the main graph (factor, binarize, lower, fold, emulate)."""
 
     name: str
@@ -73,6 +73,8 @@ class Refit:
     def __call__(self, model, report):
         from .train.calibrate import load_calibration, refit_binary
 
+        if not report.changed:  # no binarized layer to refit
+            return model, report
         report.steps.append(self.name)
         return refit_binary(model, load_calibration(self.calibration, model)), report
 
@@ -106,10 +108,8 @@ class Check:
     def __call__(self, model, report):
         from . import runtime
 
-        if isinstance(self.check.data, dict):
-            feeds = self.check.data
-        elif self.check.data is not None:
-            feeds = runtime.load_feeds(self.check.data, self.source)
+        if self.check.data is not None:
+            feeds = runtime.feeds_from(self.check.data, self.source)
         else:
             feeds = runtime.random_feeds(self.source, self.check.check or 8)
         report.check = runtime.compare_outputs(self.source, model, feeds)
@@ -158,9 +158,9 @@ def _lower_steps(lower: opt.LowerOptions, progress) -> list[Step]:
     from .passes import fold
     from .passes import lower as lowering
 
-    steps: list[Step] = [ValidateCustomOps(), Rewrite("lower", lambda m: lowering.rules(), progress=progress)]
+    steps: list[Step] = [ValidateCustomOps(), Pass("lower", lambda m: lowering.rules(), progress=progress)]
     if not lower.keep_batchnorm:
-        steps.append(Rewrite("fold", lambda m: fold.rules()))
+        steps.append(Pass("fold", lambda m: fold.rules()))
     return steps
 
 
@@ -184,12 +184,12 @@ def _rewrite_steps(command: str, groups: dict, progress) -> list[Step]:
     if command == "factor":
         options = groups[opt.FactorOptions]
         per_layer = tuple(("--rank-for", p) for p, _ in options.rank_overrides)
-        steps: list[Step] = [Rewrite("factor", factor_rules(options, recover), select, progress, per_layer)]
+        steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, per_layer)]
     elif command == "binarize":
         from .passes import binarize
 
         options = groups[opt.BinarizeOptions]
-        steps = [Rewrite("binarize", lambda m: binarize.rules(options), select, progress)]
+        steps = [Pass("binarize", lambda m: binarize.rules(options), select, progress)]
         if recover.calibration is not None:
             steps.append(Refit(recover.calibration))
     else:
@@ -205,7 +205,7 @@ def _binarize_tail(options: opt.BinarizeOptions, lower: opt.LowerOptions, progre
     if options.emulate:  # standard ops only, for external trainers; `lower` reads this form back
         from .passes import emulate
 
-        return [Rewrite("emulate", lambda m: emulate.rules())]
+        return [Pass("emulate", lambda m: emulate.rules())]
     return _lower_steps(lower, progress) if options.stage == "all" else []
 
 

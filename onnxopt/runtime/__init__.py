@@ -106,6 +106,18 @@ def _guarded_session_class():
     return GuardedSession
 
 
+def feeds_from(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Feeds from an .npz path (`load_feeds`) or a dict of arrays keyed by input name, checked alike."""
+    if not isinstance(data, dict):
+        return load_feeds(data, model)
+    feeds = {k: np.asarray(v) for k, v in data.items()}
+    for name, vi in graph_inputs(model).items():
+        if name not in feeds:
+            raise OnnxoptError(f"no array for input '{name}' (given: {', '.join(feeds) or 'none'})")
+        check_feed(name, feeds[name], vi)
+    return feeds
+
+
 def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Arrays keyed by graph input name from an .npz; a file with one array feeds a one-input model."""
     path = Path(path)

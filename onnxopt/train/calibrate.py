@@ -22,7 +22,7 @@ from ..errors import OnnxoptError
 from ..kernels import reference
 from ..model import copy_model, unique_node_names
 from ..passes import Rules, apply_rules, op_key, unbinarize
-from ..runtime import load_feeds, session
+from ..runtime import feeds_from, session
 
 BATCH = 64
 
@@ -35,7 +35,7 @@ def batches(feeds: dict[str, np.ndarray], size: int = BATCH) -> Iterator[dict[st
 
 def load_calibration(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Calibration inputs from an .npz path, or a dict of arrays keyed by graph input name."""
-    feeds = dict(source) if isinstance(source, dict) else load_feeds(source, model)
+    feeds = feeds_from(source, model)
     path = "calibration" if isinstance(source, dict) else source
     sizes = {len(v) for v in feeds.values()}
     if len(sizes) != 1 or 0 in sizes:
