@@ -83,7 +83,7 @@ def _progress(quiet: bool):
         return None
 
     def bar(items, label):
-        with click.progressbar(items, label=f"{label}: layers", file=sys.stderr) as it:
+        with click.progressbar(items, label=label, file=sys.stderr) as it:
             yield from it
 
     return bar

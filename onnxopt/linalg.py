@@ -135,22 +135,55 @@ def relative_error(w: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
 
 
 def whitened_low_rank(w: np.ndarray, k: int, gram: np.ndarray) -> Factors:
-    """Rank-k factors minimizing ‖X·W − X·U·V‖F for inputs X with Gram matrix G = XᵀX (SVD-LLM).
+    """Rank-k factors minimizing ‖X·W − X·U·V‖F for inputs X with Gram matrix G = XᵀX (SVD-LLM); see `spectrum`.
+    The error reported is the relative output error on the calibration inputs."""
+    return spectrum(w, gram).factors(k)
 
-    With G = L·Lᵀ (Cholesky), ‖X·A‖F = ‖Lᵀ·A‖F, so the best U·V is L⁻ᵀ times the truncated SVD of
-    Lᵀ·W. A small ridge keeps L invertible when some inputs never vary (dead ReLUs, constant pixels).
-    The error reported is the relative output error on the calibration inputs.
-    """
-    g = np.asarray(gram, np.float64)
-    ridge = 1e-6 * max(float(np.trace(g)) / len(g), 1e-12)
-    lower = np.linalg.cholesky(g + ridge * np.eye(len(g)))
-    target = lower.T @ np.asarray(w, np.float64)
+
+@dataclass
+class Spectrum:
+    """A full SVD of a layer, kept so that the factors and the error of any rank come without a second SVD
+    (budgets try many ranks). Plain: W = P·diag(s)·Qᵀ. Whitened: Lᵀ·W = P·diag(s)·Qᵀ, and the factors are
+    mapped back through L⁻ᵀ."""
+
+    p: np.ndarray
+    s: np.ndarray
+    qt: np.ndarray
+    lower: np.ndarray | None = None  # Cholesky factor of the Gram matrix (whitened), else None
+
+    def tail_energy(self) -> np.ndarray:
+        """d[k] = Σ_{j>k} s_j² / Σ s_j² for k = 0..len(s): the share of the layer's energy (with whitening,
+        of its output energy on the calibration inputs) that rank k loses."""
+        power = np.asarray(self.s, np.float64) ** 2
+        total = float(power.sum())
+        if total <= 0:
+            return np.zeros(len(power) + 1)
+        kept = np.concatenate([[0.0], np.cumsum(power)])
+        return np.maximum(total - kept, 0.0) / total
+
+    def factors(self, k: int) -> Factors:
+        k = max(1, min(k, len(self.s)))
+        root = np.sqrt(self.s[:k])
+        u = self.p[:, :k] * root
+        if self.lower is not None:
+            u = np.linalg.solve(self.lower.T, u)
+        error = float(np.sqrt(self.tail_energy()[k]))
+        return Factors(u=u, v=root[:, None] * self.qt[:k], error=error,
+                       method="svd" if self.lower is None else "whitened svd")
+
+
+def spectrum(w: np.ndarray, gram: np.ndarray | None = None) -> Spectrum:
+    """The SVD of w, or with a Gram matrix G = XᵀX of its inputs, of Lᵀ·w (G = L·Lᵀ, Cholesky): since
+    ‖X·A‖F = ‖Lᵀ·A‖F, truncating that SVD gives the factors with the least output error on those inputs.
+    A small ridge keeps L invertible when some inputs never vary (dead ReLUs, constant pixels)."""
+    target, lower = np.asarray(w, np.float64), None
+    if gram is not None:
+        g = np.asarray(gram, np.float64)
+        ridge = 1e-6 * max(float(np.trace(g)) / len(g), 1e-12)
+        lower = np.linalg.cholesky(g + ridge * np.eye(len(g)))
+        target = lower.T @ target
     p, s, qt = np.linalg.svd(target, full_matrices=False)
-    root = np.sqrt(s[:k])
-    u = np.linalg.solve(lower.T, p[:, :k] * root)
-    total = float(np.sum(s**2))
-    error = float(np.sqrt(max(total - float(np.sum(s[:k] ** 2)), 0.0) / total)) if total > 0 else 0.0
-    return Factors(u=u, v=root[:, None] * qt[:k], error=error, method="whitened svd")
+    return Spectrum(p, s, qt, lower)
 
 
 def _squared_norm(w: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 
 from . import linalg
+from .budget import BudgetSpec
 from .errors import UsageError
 from .select import Selection
 
@@ -114,6 +115,10 @@ class FactorOptions:
     """`factor`: how each dense layer's rank is chosen and how its factors are computed."""
 
     rank: Any = option(help="Rank: a fraction of min(m,n) (0.6) or an integer (32).", metavar="R", kind=str)
+    budget: str | None = option(help="Choose every layer's rank (or keep it dense) so that the selected layers "
+                                     "use at most fraction F of their dense params (or FLOPs per sample), losing "
+                                     "as little as possible; KIND=auto: the smallest budget that passes --max-drop "
+                                     "on --data.", metavar="params=F|flops=F|KIND=auto")
     energy: float | None = option(help="Smallest rank keeping share E of the sum of squared singular values.",
                                   metavar="E", kind=float)
     rank_for: tuple = option(help="Per-layer rank; first match wins (repeatable).", metavar="PATTERN=R", repeat=True)
@@ -123,10 +128,21 @@ class FactorOptions:
     seed: int = option(0, "Seed of the randomized SVD.", cli=False)
 
     def __post_init__(self):
-        if self.rank is None and self.energy is None and self.projection_fn is None and not self.rank_for:
-            raise UsageError("give a rank: --rank 0.6, --rank 32, --energy 0.95 or --projection-fn")
+        if (self.rank is None and self.energy is None and self.projection_fn is None and not self.rank_for
+                and self.budget is None):
+            raise UsageError("give a rank: --rank 0.6, --rank 32, --energy 0.95, --budget params=0.5 or "
+                             "--projection-fn")
         if self.rank is not None and self.energy is not None:
             raise UsageError("--rank and --energy exclude each other")
+        self.budget_spec = None
+        if self.budget is not None:
+            given = [flag for flag, v in (("--rank", self.rank), ("--energy", self.energy),
+                                          ("--projection-fn", self.projection_fn)) if v is not None]
+            given += ["--allow-growth"] if self.allow_growth else []
+            if given:
+                raise UsageError(f"--budget chooses the ranks itself: drop {' and '.join(given)} (--rank-for pins "
+                                 "single layers)")
+            self.budget_spec = BudgetSpec.parse(self.budget)
         self.rank_spec = linalg.RankSpec.parse(self.rank) if self.rank is not None else None
         if self.energy is not None:
             linalg.parse_energy(self.energy)
@@ -207,12 +223,23 @@ class CheckOptions:
     data: Any = option(help=".npz of inputs for --check (keyed by input name).", metavar="FILE.npz")
     max_error: float | None = option(help="With --check: fail (exit 1, nothing written) if the max relative "
                                           "difference exceeds X.", metavar="X", kind=float)
+    labels: str | None = option(help="Array in --data holding class labels (default: 'label' if present); "
+                                     "without labels, the score is top-1 agreement with the input model.",
+                                metavar="KEY")
+    max_drop: float | None = option(help="Fail (exit 1, nothing written) if the score on --data (accuracy, or "
+                                         "top-1 agreement) drops by more than X against the input model.",
+                                    metavar="X", kind=float)
 
     def __post_init__(self):
         if self.check is not None and self.check < 1:
             raise UsageError(f"invalid --check {self.check}: give a number of samples >= 1")
         if self.max_error is not None and not self.max_error >= 0:
             raise UsageError(f"invalid --max-error {self.max_error}: give a relative difference >= 0")
+        if self.max_drop is not None and not 0 <= self.max_drop <= 1:
+            raise UsageError(f"invalid --max-drop {self.max_drop}: give a fraction in [0, 1]")
+        if (self.max_drop is not None or self.labels is not None) and self.data is None:
+            raise UsageError(f"{'--max-drop' if self.max_drop is not None else '--labels'} needs --data (inputs "
+                             "and labels to score both models on)")
 
     @property
     def wanted(self) -> bool:
@@ -247,4 +274,15 @@ def parse(command: str, values: dict[str, Any]) -> dict[type, Any]:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UsageError(f"unknown option(s) for {command}: {', '.join(unknown)}")
-    return {cls: cls(**{k: v for k, v in values.items() if known[k] is cls}) for cls in groups}
+    groups = {cls: cls(**{k: v for k, v in values.items() if known[k] is cls}) for cls in groups}
+    _check_together(groups)
+    return groups
+
+
+def _check_together(groups: dict[type, Any]) -> None:
+    """Rules that span two option groups."""
+    factor, check = groups.get(FactorOptions), groups.get(CheckOptions)
+    if factor is not None and factor.budget_spec is not None and factor.budget_spec.fraction is None:
+        if check.max_drop is None:
+            raise UsageError(f"--budget {factor.budget_spec} searches for the smallest budget that passes "
+                             "--max-drop: give --max-drop X and --data")

@@ -48,19 +48,63 @@ def _check_patterns(selection, names: list[str], kinds: str) -> None:
         raise UsageError(f"{flag} pattern '{pattern}' matches no {kinds} layer")
 
 
+def _whitening(model, options: opt.FactorOptions, recover: opt.RecoverOptions) -> dict | None:
+    """Gram matrices of the dense layers' inputs on the calibration data, if any was given."""
+    if recover.calibration is None:
+        return None
+    from .passes import factor
+    from .train.calibrate import dense_grams, load_calibration
+
+    return dense_grams(model, load_calibration(recover.calibration, model), factor.rules(options))
+
+
 def factor_rules(options: opt.FactorOptions, recover: opt.RecoverOptions) -> Callable:
     from .passes import factor
 
-    def build(model):
-        whitening = None
-        if recover.calibration is not None:
-            from .train.calibrate import dense_grams, load_calibration
+    return lambda model: factor.rules(options, _whitening(model, options, recover))
 
-            feeds = load_calibration(recover.calibration, model)
-            whitening = dense_grams(model, feeds, factor.rules(options))
-        return factor.rules(options, whitening)
 
-    return build
+@dataclass
+class Budgeted:
+    """factor --budget: ranks allocated under the budget (`budget.allocate`); with KIND=auto, the smallest
+    budget whose model loses at most --max-drop on --data, by bisection, each candidate a full allocation.
+    The SVDs (and Gram matrices) are computed once for all candidates."""
+
+    options: opt.FactorOptions
+    recover: opt.RecoverOptions
+    select: opt.SelectOptions
+    check: opt.CheckOptions
+    progress: Progress | None = None
+    name: str = "factor"
+
+    def __call__(self, model, report):
+        from . import budget
+        from .passes import factor
+
+        spec, whitening = self.options.budget_spec, _whitening(model, self.options, self.recover)
+        layers, spectra = budget.collect(model, factor.rules(self.options), self.select.selection(), whitening)
+        patterns = tuple(("--rank-for", p) for p, _ in self.options.rank_overrides)
+
+        def factored(fraction):
+            allocation = budget.allocate(layers, spec.kind, fraction)
+            rules = factor.rules(self.options, whitening, ranks=allocation.ranks, spectra=spectra)
+            new, step_report = Pass(self.name, lambda m: rules, self.select, None, patterns)(
+                model, Report(command=self.name))
+            return new, step_report, allocation
+
+        fraction, searched = spec.fraction, None
+        if fraction is None:
+            from .runtime.score import Scorer, require_scores
+
+            scorer = Scorer(model, self.check.data, self.check.labels)
+            require_scores(scorer)
+            searched = budget.search(lambda f: scorer.drop(factored(f)[0])["drop"],
+                                     budget.smallest_fraction(layers, spec.kind), self.check.max_drop, self.progress)
+            fraction = min((c["fraction"] for c in searched if c["passed"]), default=1.0)
+        new, step_report, allocation = factored(fraction)
+        report.merge(step_report)
+        report.budget = {"budget": str(spec), **allocation.to_dict(), "search": searched}
+        return new, report
 
 
 @dataclass
@@ -113,23 +157,36 @@ class Check:
         else:
             feeds = runtime.random_feeds(self.source, self.check.check or 8)
         report.check = runtime.compare_outputs(self.source, model, feeds)
+        if self.check.data is not None:
+            from .runtime.score import Scorer, require_scores
+
+            scorer = Scorer(self.source, self.check.data, self.check.labels)
+            if self.check.max_drop is not None:
+                require_scores(scorer)
+            report.check["score"] = scorer.drop(model)
         report.steps.append(self.name)
         return model, report
 
 
 @dataclass
 class Gate:
-    """Refuse the result (GateFailed, nothing written) when the check exceeds --max-error, or when nothing
-    changed under --strict."""
+    """Refuse the result (GateFailed, nothing written) when the check exceeds --max-error or --max-drop, or
+    when nothing changed under --strict."""
 
     max_error: float | None = None
     strict: bool = False
+    max_drop: float | None = None
     name: str = "gate"
 
     def __call__(self, model, report):
         if report.check and self.max_error is not None and report.check["max_rel"] > self.max_error:
             raise GateFailed(f"max relative output difference {report.check['max_rel']:.3g} exceeds --max-error "
                              f"{self.max_error}; nothing was written", report)
+        score = (report.check or {}).get("score")
+        if score and self.max_drop is not None and score["drop"] > self.max_drop:
+            raise GateFailed(f"{score['metric']} drops by {score['drop']:.4f} ({score['reference']:.4f} -> "
+                             f"{score['candidate']:.4f}), more than --max-drop {self.max_drop}; nothing was "
+                             "written", report)
         if not report.changed:
             report.warnings.append("no layer was changed")
             if self.strict:
@@ -185,6 +242,8 @@ def _rewrite_steps(command: str, groups: dict, progress) -> list[Step]:
         options = groups[opt.FactorOptions]
         per_layer = tuple(("--rank-for", p) for p, _ in options.rank_overrides)
         steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, per_layer)]
+        if options.budget_spec is not None:
+            steps = [Budgeted(options, recover, select or opt.SelectOptions(), groups[opt.CheckOptions], progress)]
     elif command == "binarize":
         from .passes import binarize
 
@@ -215,7 +274,7 @@ def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), 
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
     if check.wanted:
         steps.append(Check(source, check))
-    steps.append(Gate(max_error=check.max_error, strict=save.strict))
+    steps.append(Gate(max_error=check.max_error, strict=save.strict, max_drop=check.max_drop))
     if save.output is not None:
         steps.append(Save(save, tuple(protected)))
     return steps

@@ -31,6 +31,7 @@ class Report:
     output: str | None = None
 
     steps: list[str] = field(default_factory=list)  # the pipeline steps that ran, in order
+    budget: dict | None = None  # factor --budget: the allocation (budget.Allocation.to_dict) and any search
 
     def merge(self, step: "Report") -> None:
         """Add what one pipeline step did. A layer already listed as changed keeps its row and action
@@ -60,7 +61,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"command": self.command, "steps": self.steps, "output": self.output,
                 "layers": [asdict(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
-                "check": self.check}
+                "check": self.check, "budget": self.budget}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -82,6 +83,8 @@ class Report:
         if t["bytes_before"]:
             lines.append(f"weights of changed layers: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
                          f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")
+        if self.budget:
+            lines += budget_table(self.budget)
         if self.check:
             lines.append(format_check(self.check))
         return "\n".join(lines)
@@ -94,7 +97,28 @@ class Report:
 def format_check(check: dict) -> str:
     parts = [f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}"
              for name, v in check["outputs"].items()]
-    return f"check on {check['samples']} samples: " + "; ".join(parts)
+    line = f"check on {check['samples']} samples: " + "; ".join(parts)
+    score = check.get("score")
+    if score:
+        line += (f"\n{score['metric']} on {score['samples']} samples: {score['reference']:.4f} -> "
+                 f"{score['candidate']:.4f} (drop {score['drop']:+.4f})")
+    return line
+
+
+def budget_table(budget: dict) -> list[str]:
+    """The allocation under --budget: per layer the rank chosen (or dense), cost before/after in the budget's
+    unit, and the normalised error allotted (share of the layer's energy lost); then the totals."""
+    unit = "params" if budget["kind"] == "params" else "FLOPs/sample"
+    rows = [[x["name"], "dense" if x["rank"] is None else f"{x['rank']}{' (pinned)' if x['pinned'] else ''}",
+             _arrow(x["before"], x["after"]), f"{x['error']:.2e}"] for x in budget["layers"]]
+    lines = [""] + _columns(["budgeted layer", "rank", unit, "normalised error"], rows)
+    lines.append(f"budget {budget['budget']}: {budget['used']:,} of {budget['allowed']:,} {unit} allowed "
+                 f"(fraction {budget['fraction']:g} of {budget['dense']:,} dense; used "
+                 f"{budget['used'] / max(budget['dense'], 1):.1%})")
+    for c in budget["search"] or []:
+        lines.append(f"  searched fraction {c['fraction']:.3f}: drop {c['drop']:+.4f} "
+                     f"{'passes' if c['passed'] else 'fails'}")
+    return lines
 
 
 def _arrow(before: int, after: int) -> str:

@@ -127,7 +127,7 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
     _report_subgraph_nodes(model.graph, rules, report)
     slots = [i for i, x in enumerate(report.layers) if x is None]
     rewrites: dict[tuple, Rewrite] = {}
-    for slot, (node, rule) in zip(slots, progress(chosen, command) if progress else chosen):
+    for slot, (node, rule) in zip(slots, progress(chosen, f"{command}: layers") if progress else chosen):
         try:
             rw = rule.rewrite(node, ctx)
         except Declined as exc:

@@ -31,13 +31,29 @@ def _rows(ctx: GraphContext, tensor: str) -> int:
 
 class _DenseRule(Rule):
     """What Gemm and MatMul share: the weight, the rank choice, and the two-MatMul replacement.
-    `whitening` maps a layer name to the Gram matrix XᵀX of its input (calibration), if any."""
+    `whitening` maps a layer name to the Gram matrix XᵀX of its input (calibration), if any; `ranks` to the
+    rank a budget allocated it (None: keep it dense), `spectra` to its SVD, computed once for the budget."""
 
     weight_input = 1
 
-    def __init__(self, options: FactorOptions, whitening: dict[str, np.ndarray] | None = None):
+    def __init__(self, options: FactorOptions, whitening: dict[str, np.ndarray] | None = None,
+                 ranks: dict[str, int | None] | None = None, spectra: dict[str, linalg.Spectrum] | None = None):
         self.options = options
         self.whitening = whitening or {}
+        self.ranks = ranks
+        self.spectra = spectra or {}
+
+    def weight(self, node: onnx.NodeProto, ctx: GraphContext) -> np.ndarray:
+        """W (m×n) of Y = X·W, once `check` has passed."""
+        return ctx.constant(node.input[self.weight_input])
+
+    def bias_size(self, node: onnx.NodeProto, ctx: GraphContext) -> int:
+        """Parameters the layer keeps whatever its rank (a constant bias)."""
+        return 0
+
+    def rows(self, node: onnx.NodeProto, ctx: GraphContext) -> int:
+        """Rows per sample the weight multiplies (tokens of a MatMul on 3-D input)."""
+        return 1
 
     def calibration_input(self, node: onnx.NodeProto) -> tuple[str, bool]:
         """The tensor whose Gram matrix data-aware factors need, and whether it is transposed (rows = features)."""
@@ -59,12 +75,21 @@ class _DenseRule(Rule):
             return "weight has NaN or infinite values"
         return None
 
+    def pinned_rank(self, name: str, w: np.ndarray) -> int | None:
+        """The rank a --rank-for pattern gives the layer, if one matches."""
+        spec = next((s for p, s in self.options.rank_overrides if matches(name, p)), None)
+        return None if spec is None else spec.resolve(*w.shape)
+
     def choose_rank(self, name: str, w: np.ndarray) -> int:
         opts = self.options
         m, n = w.shape
-        spec = next((s for p, s in opts.rank_overrides if matches(name, p)), None)
-        if spec is not None:
-            return spec.resolve(m, n)
+        pinned = self.pinned_rank(name, w)
+        if pinned is not None:
+            return pinned
+        if self.ranks is not None:
+            if self.ranks.get(name) is None:
+                raise Declined("kept dense by --budget")
+            return self.ranks[name]
         if opts.projection_function is not None:
             k = opts.projection_function(w)
             if isinstance(k, (float, np.floating)) and 0 < k <= 1:
@@ -87,15 +112,18 @@ class _DenseRule(Rule):
                 raise OnnxoptError(f"{name}: factor function returned shapes {u.shape} and {v.shape}, "
                                    f"expected {(w.shape[0], k)} and {(k, w.shape[1])}")
             return linalg.Factors(u, v, linalg.relative_error(w, u, v), "factor function")
+        if name in self.spectra:
+            return self.spectra[name].factors(k)
         gram = self.whitening.get(name)
         if gram is not None:
             return linalg.whitened_low_rank(w, k, gram)
         return linalg.low_rank(w, k, seed=opts.seed)
 
-    def replace(self, node, ctx, x: str, w: np.ndarray, *, pre_nodes=(), bias_nodes=(), bias_inits=(),
-                extra_params: int = 0, rows: int = 1) -> Rewrite:
+    def replace(self, node, ctx, x: str, *, pre_nodes=(), bias_nodes=(), bias_inits=()) -> Rewrite:
         """x → [pre_nodes] → MatMul(U) → MatMul(V) → [bias_nodes, whose first input "" is the product]."""
         name = ctx.name_of(node)
+        w = self.weight(node, ctx)
+        extra_params, rows = self.bias_size(node, ctx), self.rows(node, ctx)
         m, n = w.shape
         k = self.choose_rank(name, w)
         if k * (m + n) >= m * n and not self.options.allow_growth:
@@ -132,6 +160,15 @@ class GemmRule(_DenseRule):
     def calibration_input(self, node):
         return node.input[0], bool(_attrs(node).get("transA", 0))
 
+    def weight(self, node, ctx):
+        a = _attrs(node)
+        b = ctx.constant(node.input[1])
+        return (b.T if a.get("transB", 0) else b) * np.asarray(a.get("alpha", 1.0), b.dtype)
+
+    def bias_size(self, node, ctx):
+        c = ctx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return int(c.size) if c is not None and float(_attrs(node).get("beta", 1.0)) != 0 else 0
+
     def check(self, node, ctx):
         reason = super().check(node, ctx)
         if reason:
@@ -151,8 +188,7 @@ class GemmRule(_DenseRule):
     def rewrite(self, node, ctx):
         a = _attrs(node)
         name = ctx.name_of(node)
-        b = ctx.constant(node.input[1])
-        w = (b.T if a.get("transB", 0) else b) * np.asarray(a.get("alpha", 1.0), b.dtype)
+        w = self.weight(node, ctx)
         pre_nodes = []
         x = node.input[0]
         if a.get("transA", 0):
@@ -160,7 +196,7 @@ class GemmRule(_DenseRule):
             pre_nodes = [helper.make_node("Transpose", [x], [xt], name=ctx.fresh(f"{name}/factor_Transpose"),
                                                perm=[1, 0])]
             x = xt
-        bias_nodes, bias_inits, extra = [], [], 0
+        bias_nodes, bias_inits = [], []
         beta = float(a.get("beta", 1.0))
         c_name = node.input[2] if len(node.input) > 2 else ""
         if c_name and beta != 0:
@@ -168,7 +204,6 @@ class GemmRule(_DenseRule):
             if c is not None:
                 init = ctx.initializer(f"{name}/factor_bias", (c * np.asarray(beta, c.dtype)).astype(w.dtype))
                 bias_inits.append(init)
-                extra = int(c.size)
                 bias_nodes.append(helper.make_node("Add", ["", init.name], [node.output[0]],
                                                    name=ctx.fresh(f"{name}/factor_Add")))
             else:
@@ -181,9 +216,7 @@ class GemmRule(_DenseRule):
                                                        name=ctx.fresh(f"{name}/factor_Mul")))
                 bias_nodes.append(helper.make_node("Add", ["", term], [node.output[0]],
                                                    name=ctx.fresh(f"{name}/factor_Add")))
-        # Gemm's A is 2-D: one row per sample
-        return self.replace(node, ctx, x, w, pre_nodes=pre_nodes, bias_nodes=bias_nodes, bias_inits=bias_inits,
-                            extra_params=extra)
+        return self.replace(node, ctx, x, pre_nodes=pre_nodes, bias_nodes=bias_nodes, bias_inits=bias_inits)
 
 
 class MatMulRule(_DenseRule):
@@ -192,10 +225,14 @@ class MatMulRule(_DenseRule):
             return "the constant is the first input (W·X); only X·W is factored"
         return super().check(node, ctx) or _input_mismatch(ctx, node.input[0], -1, ctx.constant(node.input[1]).shape[0])
 
+    def rows(self, node, ctx):
+        return _rows(ctx, node.input[0])
+
     def rewrite(self, node, ctx):
-        w = ctx.constant(node.input[1])
-        return self.replace(node, ctx, node.input[0], w, rows=_rows(ctx, node.input[0]))
+        return self.replace(node, ctx, node.input[0])
 
 
-def rules(options: FactorOptions, whitening: dict[str, np.ndarray] | None = None) -> dict:
-    return {("", "Gemm"): GemmRule(options, whitening), ("", "MatMul"): MatMulRule(options, whitening)}
+def rules(options: FactorOptions, whitening: dict[str, np.ndarray] | None = None, *,
+          ranks: dict[str, int | None] | None = None, spectra: dict[str, linalg.Spectrum] | None = None) -> dict:
+    return {("", "Gemm"): GemmRule(options, whitening, ranks, spectra),
+            ("", "MatMul"): MatMulRule(options, whitening, ranks, spectra)}
