@@ -5,15 +5,18 @@ k = 1..K (K the largest k with k(m+n) < m·n) or stays dense. Its costs: params 
 FLOPs per sample 2·rows·k(m+n), dense 2·rows·m·n (rows: tokens per sample for a MatMul on 3-D input). Its error
 is normalised by its own energy, d(k) = Σ_{j>k} σ_j² / Σ_j σ_j², with σ the singular values of W, or with
 calibration data those of Lᵀ·W (XᵀX = L·Lᵀ), for which d(k) is exactly the share of the layer's output energy lost
-on the calibration inputs; d(dense) = 0. Layers of any size and scale are then comparable, and the allocation
-minimises Σ d over the layers subject to Σ cost ≤ fraction × Σ dense cost (pinned layers are charged their rank):
-  1. Lagrangian: each layer's choices reduced to the lower convex hull of its (cost, error) points; hull steps
-     taken across all layers in decreasing order of error removed per unit cost, while they fit (this is the
+on the calibration inputs; d(dense) = 0. Layers of any size and scale are then comparable. The allocation
+minimises Σ −log(1 − d) over the layers (≈ Σ d for small errors; the layers' kept shares multiply along the
+network, and a layer that loses nearly all its energy costs without bound, where a plain sum would let a budget
+wreck one layer: on the tiny ViT at 20% of the params, 0.46 accuracy with Σ d, 0.67 with this) subject to
+Σ cost ≤ fraction × Σ dense cost (pinned layers are charged their rank's cost):
+  1. Lagrangian: each layer's choices reduced to the lower convex hull of its (cost, loss) points; hull steps
+     taken across all layers in decreasing order of loss removed per unit cost, while they fit (this is the
      exact optimum at every budget such a step meets exactly);
-  2. fill: while a single step (k → k+1, or k → dense) fits in what is left, take the one removing most error
+  2. fill: while a single step (k → k+1, or k → dense) fits in what is left, take the one removing most loss
      per unit cost.
 The budget is never exceeded; what is left at the end is smaller than every layer's next step (or no step
-lowers the error any more).
+lowers the loss any more).
 """
 from __future__ import annotations
 
@@ -77,7 +80,12 @@ class Layer:
         return width + self.bias if kind == "params" else 2 * self.rows * width
 
     def error(self, k: int | None) -> float:
+        """d(k), the normalised error (share of the layer's energy lost)."""
         return 0.0 if k is None else float(self.tail[min(k, len(self.tail) - 1)])
+
+    def loss(self, k: int | None) -> float:
+        """What the allocation minimises the sum of: −log(1 − d(k)), ≈ d(k) for small errors."""
+        return -math.log1p(-min(self.error(k), 1 - 1e-12))
 
 
 @dataclass
@@ -144,7 +152,7 @@ def _hull(layer: Layer, kind: str) -> list[tuple[int | None, int, float]]:
     """(choice, cost, error) on the lower convex hull of the layer's choices, from rank 1 to dense."""
     hull: list[tuple[int | None, int, float]] = []
     for k in list(range(1, layer.max_rank + 1)) + [None]:
-        point = (k, layer.cost(kind, k), layer.error(k))
+        point = (k, layer.cost(kind, k), layer.loss(k))
         while len(hull) >= 2 and _rate(hull[-2], hull[-1]) <= _rate(hull[-1], point):
             hull.pop()
         hull.append(point)
@@ -179,9 +187,9 @@ def _fill_phase(free: list[Layer], kind: str, ranks: dict, left: int) -> None:
             k = ranks[x.name]
             if k is None:
                 continue
-            here = (k, x.cost(kind, k), x.error(k))
+            here = (k, x.cost(kind, k), x.loss(k))
             for choice in ([k + 1] if k < x.max_rank else []) + [None]:
-                there = (choice, x.cost(kind, choice), x.error(choice))
+                there = (choice, x.cost(kind, choice), x.loss(choice))
                 rate = _rate(here, there)
                 if there[1] - here[1] <= left and rate > 0 and (best is None or rate > best[0]):
                     best = (rate, x, choice, there[1] - here[1])

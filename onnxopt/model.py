@@ -282,10 +282,15 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Value infos by name after onnx shape inference (best effort: unknown stays unknown)."""
     skeleton = _skeleton(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton)
-    except Exception:
-        inferred = skeleton
+    inferred = skeleton
+    # data propagation follows Shape → Gather → Concat → Reshape chains (legacy torch exports compute their
+    # reshapes that way, and without it a token MLP's rows per sample stay unknown)
+    for propagate in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=propagate)
+            break
+        except Exception:
+            continue
     g = inferred.graph
     return {v.name: v for v in list(g.input) + list(g.value_info) + list(g.output)}
 
