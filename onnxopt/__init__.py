@@ -9,7 +9,8 @@ from .errors import GateFailed, OnnxoptError, UsageError
 __version__ = "0.1.0"
 
 _API = {
-    "factor": "api", "binarize": "api", "lower": "api", "inspect": "api", "run": "api", "check": "api",
+    "factor": "api", "binarize": "api", "lower": "api", "quantize": "api", "apply": "api", "inspect": "api",
+    "run": "api", "check": "api",
     "compare": "api",
     "factor_dense": "netopt", "binarize_convolution": "netopt", "convert_to_binary_convolution": "netopt",
     "convert_to_native_binary_convolution": "netopt", "factor_with_report": "netopt",

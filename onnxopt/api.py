@@ -55,6 +55,24 @@ def lower(model: Model, *, progress: Progress | None = None, **options) -> tuple
     return _command("lower", model, progress, options)
 
 
+def quantize(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+    """int8 through onnxruntime.quantization (static QDQ with `calibration`, dynamic without); with `max_drop`
+    and `data`, the layers that cost most accuracy alone are kept float until the model passes."""
+    return _command("quantize", model, progress, options)
+
+
+def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None = None, output=None,
+          force: bool = False, external_data: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """Run a recipe (recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
+    validated before the model is read. Raises GateFailed when a gate fails (nothing written)."""
+    from . import recipe as recipes
+
+    loaded = recipes.load(recipe)
+    save = opt.SaveOptions(output=output, force=force, external_data=external_data)
+    source, protected = _source(model)
+    return pipeline.run_recipe(source, loaded, save, protected=protected, progress=progress)
+
+
 def inspect(model: Model) -> list[dict]:
     """Every layer a rewrite pass handles (its registry), with weight shape, params, FLOPs per sample, and
     each user-facing pass's verdict from that pass's own check."""
@@ -119,12 +137,12 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
             max_drop: float | None = None) -> dict:
     """A vs B on `data` (.npz): top-1 agreement, accuracy (with labels), output differences, latency.
     Raises GateFailed when B's accuracy is below `min_accuracy` or drops more than `max_drop`."""
-    from . import runtime
+    from .runtime.measure import compare_models
 
     for name, value in (("--min-accuracy", min_accuracy), ("--max-drop", max_drop)):
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"invalid {name} {value}: give a fraction in [0, 1]")
-    result = runtime.compare_models(_source(a)[0], _source(b)[0], data, labels=labels)
+    result = compare_models(_source(a)[0], _source(b)[0], data, labels=labels)
     acc_a, acc_b = result["A"]["accuracy"], result["B"]["accuracy"]
     if (min_accuracy is not None or max_drop is not None) and acc_b is None:
         raise UsageError("--min-accuracy / --max-drop need labels in --data (--labels KEY)")
@@ -135,4 +153,4 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "lower", "inspect", "run", "check", "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "lower", "quantize", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]

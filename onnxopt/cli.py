@@ -118,6 +118,32 @@ _rewrite_command("binarize", "binarized", "Replace Conv by a binarized convoluti
                                           "b(v) = +1 if v > 0 else -1.")
 _rewrite_command("lower", "lowered", "Replace trainable BinaryConv ops by the native bit-packed BitConv "
                                      "(weights stored as bits).")
+_rewrite_command("quantize", "quantized", "int8 through onnxruntime.quantization: static QDQ with --calibration, "
+                                          "dynamic without; com.onnxopt ops stay as they are.")
+
+
+@cli.command()
+@click.argument("recipe", metavar="RECIPE.toml", type=click.Path())
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("-o", "--output", metavar="PATH", help="Output path (default: <stem>.applied.onnx beside the input).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
+@click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def apply(recipe, model_path, output, force, external_data, as_json, quiet):
+    """Run a recipe: its [[step]] commands in order (factor, binarize, lower, quantize, with their options),
+    then its [gate] on the final model against MODEL; nothing is written when a gate fails."""
+    from . import api
+    from .model import default_output
+
+    try:
+        _, report = api.apply(recipe, model_path, progress=_progress(quiet or as_json), force=force,
+                              output=output or default_output(model_path, "applied"), external_data=external_data)
+    except GateFailed as exc:
+        if exc.report is not None:
+            _print_report(exc.report, as_json)
+        raise
+    _print_report(report, as_json)
 
 
 @cli.command()

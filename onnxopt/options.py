@@ -22,11 +22,13 @@ from .select import Selection
 
 
 def option(default: Any = None, help: str = "", *, metavar: str | None = None, flag: str | None = None,
-           short: str | None = None, repeat: bool = False, kind: type | None = None, cli: bool = True):
+           short: str | None = None, repeat: bool = False, kind: type | None = None, cli: bool = True,
+           path: bool = False):
     """A dataclass field with what the CLI needs to declare it: help text, metavar, the flag's name when it
-    is not `--field-name`, a short flag, repeatable or not, and the value type click should parse."""
+    is not `--field-name`, a short flag, repeatable or not, and the value type click should parse; `path`:
+    a file name (a recipe resolves it against the recipe's folder)."""
     meta = {"help": help, "metavar": metavar, "flag": flag, "short": short, "repeat": repeat, "kind": kind,
-            "cli": cli}
+            "cli": cli, "path": path}
     if repeat:
         return field(default=(), metadata=meta)
     return field(default=default, metadata=meta)
@@ -181,12 +183,19 @@ class LowerOptions:
                                           "by float32 rounding only).")
 
 
+def _check_calibration(calibration) -> None:
+    if isinstance(calibration, (str, os.PathLike)) and not Path(calibration).is_file():
+        raise UsageError(f"{calibration}: no such calibration file")
+    if calibration is not None and not isinstance(calibration, (str, os.PathLike, dict)):
+        raise UsageError("calibration must be an .npz path or a dict of arrays keyed by input name")
+
+
 @dataclass
 class RecoverOptions:
     """What recovers accuracy after a rewrite: calibration data, a training hook or an external trainer."""
 
     calibration: Any = option(help="Inputs keyed by graph input name: data-aware factors / refit of binarized "
-                                   "layers.", metavar="FILE.npz")
+                                   "layers.", metavar="FILE.npz", path=True)
     train_hook: Any = option(help="function(model, **hook_args) -> model: fine-tunes the transformed model "
                                   "(values only).", metavar="MODULE:FUNCTION")
     hook_arg: tuple = option(help="Keyword argument for --train-hook.", metavar="KEY=VALUE", repeat=True)
@@ -204,10 +213,7 @@ class RecoverOptions:
             raise UsageError(f"invalid --train-cmd '{self.train_cmd}': it must contain {{input}} and {{output}}")
         self.hook_kwargs = dict(_pairs(self.hook_arg, "--hook-arg"))
         self.train_function = load_function(self.train_hook, "--train-hook")
-        if isinstance(self.calibration, (str, os.PathLike)) and not Path(self.calibration).is_file():
-            raise UsageError(f"{self.calibration}: no such calibration file")
-        if self.calibration is not None and not isinstance(self.calibration, (str, os.PathLike, dict)):
-            raise UsageError("calibration must be an .npz path or a dict of arrays keyed by input name")
+        _check_calibration(self.calibration)
 
     @property
     def trains(self) -> bool:
@@ -220,7 +226,7 @@ class CheckOptions:
 
     check: int | None = option(help="Run N inputs through both models and print the max output difference.",
                                metavar="N", kind=int)
-    data: Any = option(help=".npz of inputs for --check (keyed by input name).", metavar="FILE.npz")
+    data: Any = option(help=".npz of inputs for --check (keyed by input name).", metavar="FILE.npz", path=True)
     max_error: float | None = option(help="With --check: fail (exit 1, nothing written) if the max relative "
                                           "difference exceeds X.", metavar="X", kind=float)
     labels: str | None = option(help="Array in --data holding class labels (default: 'label' if present); "
@@ -229,6 +235,12 @@ class CheckOptions:
     max_drop: float | None = option(help="Fail (exit 1, nothing written) if the score on --data (accuracy, or "
                                          "top-1 agreement) drops by more than X against the input model.",
                                     metavar="X", kind=float)
+    min_speedup: float | None = option(help="Fail if the output model is not X times as fast as the input in "
+                                            "onnxruntime (median latency, alternating timed blocks, on the first 8 "
+                                            "samples of --data, else on --check N random inputs, default 8).",
+                                       metavar="X", kind=float)
+    max_size: str | None = option(help="Fail if the output model is larger than SIZE: a ratio of the input's size "
+                                       "(0.5) or bytes (2000000, 500KB, 2MiB).", metavar="SIZE", kind=str)
 
     def __post_init__(self):
         if self.check is not None and self.check < 1:
@@ -240,10 +252,35 @@ class CheckOptions:
         if (self.max_drop is not None or self.labels is not None) and self.data is None:
             raise UsageError(f"{'--max-drop' if self.max_drop is not None else '--labels'} needs --data (inputs "
                              "and labels to score both models on)")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise UsageError(f"invalid --min-speedup {self.min_speedup}: give a ratio > 0 (1.2: 20% faster)")
+        self.size_limit = None if self.max_size is None else parse_size(self.max_size)
 
     @property
     def wanted(self) -> bool:
         return self.check is not None or self.data is not None or self.max_error is not None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | float | int) -> tuple[str, float]:
+    """('ratio', 0.5) for a fraction of the input's size, ('bytes', n) for an absolute size."""
+    s = str(text).strip()
+    split = len(s)
+    while split and s[split - 1].upper() in "KMGIB":  # the unit's letters at the end
+        split -= 1
+    number, unit = s[:split], s[split:].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if value > 0 and unit in _UNITS:
+        if unit == "" and ("." in number or value <= 1):
+            return "ratio", value
+        return "bytes", value * _UNITS[unit]
+    raise UsageError(f"invalid --max-size '{text}': give a ratio of the input's size (0.5) or bytes "
+                     "(2000000, 500KB, 2MiB)")
 
 
 @dataclass
@@ -257,11 +294,25 @@ class SaveOptions:
     strict: bool = option(False, "Exit 1 when no layer was changed.")
 
 
+@dataclass
+class QuantizeOptions:
+    """`quantize`: int8 through onnxruntime.quantization."""
+
+    calibration: Any = option(help="Inputs keyed by graph input name: static int8 (QDQ, activations too); "
+                                   "without it, dynamic int8 (weights; MatMul and Conv only).", metavar="FILE.npz",
+                              path=True)
+    per_channel: bool = option(False, "One weight scale per output channel instead of per tensor.")
+
+    def __post_init__(self):
+        _check_calibration(self.calibration)
+
+
 # the option groups of each command, in the order the CLI lists them
 COMMAND_OPTIONS: dict[str, tuple[type, ...]] = {
     "factor": (FactorOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
     "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
     "lower": (LowerOptions, CheckOptions, SaveOptions),
+    "quantize": (QuantizeOptions, SelectOptions, CheckOptions, SaveOptions),
 }
 
 

@@ -75,6 +75,7 @@ class Budgeted:
     select: opt.SelectOptions
     check: opt.CheckOptions
     progress: Progress | None = None
+    reference: onnx.ModelProto | None = None  # what --max-drop scores against (a recipe's input), else the step's
     name: str = "factor"
 
     def __call__(self, model, report):
@@ -94,9 +95,9 @@ class Budgeted:
 
         fraction, searched = spec.fraction, None
         if fraction is None:
-            from .runtime.score import Scorer, require_scores
+            from .runtime.measure import Scorer, require_scores
 
-            scorer = Scorer(model, self.check.data, self.check.labels)
+            scorer = Scorer(self.reference or model, self.check.data, self.check.labels)
             require_scores(scorer)
             searched = budget.search(lambda f: scorer.drop(factored(f)[0])["drop"],
                                      budget.smallest_fraction(layers, spec.kind), self.check.max_drop, self.progress)
@@ -104,6 +105,51 @@ class Budgeted:
         new, step_report, allocation = factored(fraction)
         report.merge(step_report)
         report.budget = {"budget": str(spec), **allocation.to_dict(), "search": searched}
+        return new, report
+
+
+@dataclass
+class Quantize:
+    """int8 through onnxruntime.quantization (passes/quantize.py); with --max-drop on --data, the layers that cost
+    most alone are kept float, one at a time, until the model passes."""
+
+    options: opt.QuantizeOptions
+    select: opt.SelectOptions
+    check: opt.CheckOptions
+    progress: Progress | None = None
+    reference: onnx.ModelProto | None = None  # what --max-drop scores against (a recipe's input), else the step's
+    name: str = "quantize"
+
+    def __call__(self, model, report):
+        from .passes import quantize as q
+        from .runtime import session_options
+
+        named = q.name_nodes(model)
+        calibration = None
+        if self.options.calibration is not None:
+            from .train.calibrate import load_calibration
+
+            calibration = load_calibration(self.options.calibration, named)
+        selection = self.select.selection()
+        include, step_report = q.candidates(named, selection, dynamic=calibration is None)
+        _check_patterns(selection, [x.name for x in step_report.layers], "Conv/Gemm/MatMul")
+
+        def quantize(names):
+            return q.run_quantizer(named, names, calibration=calibration, per_channel=self.options.per_channel,
+                                   session_options=session_options)
+
+        kept: dict[str, float] = {}
+        if self.check.max_drop is not None:
+            from .runtime.measure import Scorer, require_scores
+
+            scorer = Scorer(self.reference or model, self.check.data, self.check.labels)
+            require_scores(scorer)
+            new, kept = q.keep_float_until(quantize, include, lambda m: scorer.drop(m)["drop"],
+                                           self.check.max_drop, self.progress)
+        else:
+            new = quantize(include)
+        q.mark_results(step_report, q.quantized_layers(new), kept)
+        report.merge(step_report)
         return new, report
 
 
@@ -143,7 +189,8 @@ class Train:
 
 @dataclass
 class Check:
-    """Run the source and the new model in onnxruntime (optimizations off); max abs/rel difference per output."""
+    """Measure the new model against the source: always its size; with --check/--data the max abs/rel output
+    difference (onnxruntime, optimizations off) and, with --data, the score; with --min-speedup the latency."""
 
     source: onnx.ModelProto
     check: opt.CheckOptions
@@ -152,46 +199,73 @@ class Check:
     def __call__(self, model, report):
         from . import runtime
 
-        if self.check.data is not None:
-            feeds = runtime.feeds_from(self.check.data, self.source)
+        report.size = {"before": self.source.ByteSize(), "after": model.ByteSize()}
+        c = self.check
+        if not (c.wanted or c.min_speedup is not None):
+            return model, report
+        if c.data is not None:
+            feeds = runtime.feeds_from(c.data, self.source)
         else:
-            feeds = runtime.random_feeds(self.source, self.check.check or 8)
-        report.check = runtime.compare_outputs(self.source, model, feeds)
-        if self.check.data is not None:
-            from .runtime.score import Scorer, require_scores
+            feeds = runtime.random_feeds(self.source, c.check or 8)
+        if c.wanted:
+            report.check = runtime.compare_outputs(self.source, model, feeds)
+        if c.data is not None:
+            from .runtime.measure import Scorer, require_scores
 
-            scorer = Scorer(self.source, self.check.data, self.check.labels)
-            if self.check.max_drop is not None:
+            scorer = Scorer(self.source, c.data, c.labels)
+            if c.max_drop is not None:
                 require_scores(scorer)
             report.check["score"] = scorer.drop(model)
+        if c.min_speedup is not None:
+            from .runtime.measure import alternating_latency
+
+            names = set(runtime.graph_inputs(self.source))
+            report.latency = alternating_latency(self.source, model, {k: v[:8] for k, v in feeds.items()
+                                                                      if k in names})
         report.steps.append(self.name)
         return model, report
 
 
 @dataclass
 class Gate:
-    """Refuse the result (GateFailed, nothing written) when the check exceeds --max-error or --max-drop, or
-    when nothing changed under --strict."""
+    """Refuse the result (GateFailed, nothing written) when a measure misses its threshold (--max-error,
+    --max-drop, --min-speedup, --max-size), or when nothing changed under --strict."""
 
-    max_error: float | None = None
+    check: opt.CheckOptions
     strict: bool = False
-    max_drop: float | None = None
     name: str = "gate"
 
     def __call__(self, model, report):
-        if report.check and self.max_error is not None and report.check["max_rel"] > self.max_error:
-            raise GateFailed(f"max relative output difference {report.check['max_rel']:.3g} exceeds --max-error "
-                             f"{self.max_error}; nothing was written", report)
-        score = (report.check or {}).get("score")
-        if score and self.max_drop is not None and score["drop"] > self.max_drop:
-            raise GateFailed(f"{score['metric']} drops by {score['drop']:.4f} ({score['reference']:.4f} -> "
-                             f"{score['candidate']:.4f}), more than --max-drop {self.max_drop}; nothing was "
-                             "written", report)
+        for failure in gate_failures(report, self.check):
+            raise GateFailed(f"{failure}; nothing was written", report)
         if not report.changed:
             report.warnings.append("no layer was changed")
             if self.strict:
                 raise GateFailed("no layer was changed (--strict); nothing was written", report)
         return model, report
+
+
+def gate_failures(report: Report, c: opt.CheckOptions) -> list[str]:
+    """One line per threshold the measured figures miss: the figure and the threshold."""
+    failures = []
+    check = report.check or {}
+    if check and c.max_error is not None and check["max_rel"] > c.max_error:
+        failures.append(f"max relative output difference {check['max_rel']:.3g} exceeds --max-error {c.max_error}")
+    score = check.get("score")
+    if score and c.max_drop is not None and score["drop"] > c.max_drop:
+        failures.append(f"{score['metric']} drops by {score['drop']:.4f} ({score['reference']:.4f} -> "
+                        f"{score['candidate']:.4f}), more than --max-drop {c.max_drop}")
+    latency = report.latency
+    if latency and c.min_speedup is not None and latency["speedup"] < c.min_speedup:
+        failures.append(f"speed-up {latency['speedup']:.2f}x ({latency['a_ms']:.3f} -> {latency['b_ms']:.3f} ms) "
+                        f"is below --min-speedup {c.min_speedup}")
+    if report.size and c.size_limit is not None:
+        kind, value = c.size_limit
+        limit = value * report.size["before"] if kind == "ratio" else value
+        if report.size["after"] > limit:
+            failures.append(f"model size {report.size['after']:,} bytes exceeds --max-size {c.max_size} "
+                            f"({int(limit):,} bytes)")
+    return failures
 
 
 @dataclass
@@ -235,7 +309,7 @@ class ValidateCustomOps:
         return model, report
 
 
-def _rewrite_steps(command: str, groups: dict, progress) -> list[Step]:
+def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list[Step]:
     recover = groups.get(opt.RecoverOptions)
     select = groups.get(opt.SelectOptions)
     if command == "factor":
@@ -243,7 +317,8 @@ def _rewrite_steps(command: str, groups: dict, progress) -> list[Step]:
         per_layer = tuple(("--rank-for", p) for p, _ in options.rank_overrides)
         steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, per_layer)]
         if options.budget_spec is not None:
-            steps = [Budgeted(options, recover, select or opt.SelectOptions(), groups[opt.CheckOptions], progress)]
+            steps = [Budgeted(options, recover, select or opt.SelectOptions(), groups[opt.CheckOptions], progress,
+                              reference)]
     elif command == "binarize":
         from .passes import binarize
 
@@ -251,6 +326,8 @@ def _rewrite_steps(command: str, groups: dict, progress) -> list[Step]:
         steps = [Pass("binarize", lambda m: binarize.rules(options), select, progress)]
         if recover.calibration is not None:
             steps.append(Refit(recover.calibration))
+    elif command == "quantize":
+        return [Quantize(groups[opt.QuantizeOptions], select, groups[opt.CheckOptions], progress, reference)]
     else:
         return _lower_steps(groups[opt.LowerOptions], progress)
     if recover.trains:
@@ -272,9 +349,7 @@ def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), 
     """The steps of `command` for these options (from `options.parse`)."""
     steps = _rewrite_steps(command, groups, progress)
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
-    if check.wanted:
-        steps.append(Check(source, check))
-    steps.append(Gate(max_error=check.max_error, strict=save.strict, max_drop=check.max_drop))
+    steps += [Check(source, check), Gate(check, strict=save.strict)]
     if save.output is not None:
         steps.append(Save(save, tuple(protected)))
     return steps
@@ -284,3 +359,44 @@ def run(model: onnx.ModelProto, steps: list[Step], report: Report) -> tuple[onnx
     for step in steps:
         model, report = step(model, report)
     return model, report
+
+
+def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protected=(),
+               progress=None) -> tuple[onnx.ModelProto, Report]:
+    """A recipe's commands in order on `source` (each one's rewrite steps, scored against `source` where a step
+    searches or gates), a summary row per command, then the recipe's gates on the final model, then save."""
+    gate = opt.CheckOptions(**recipe.gate)
+    measure = _StepMeasure(source, gate)
+    report = Report(command="apply")
+    report.recipe = {"path": str(recipe.path), "steps": []}
+    model = source
+    for command, options in recipe.steps:
+        groups = opt.parse(command, {**options, **recipe.gate})
+        model, step_report = run(model, _rewrite_steps(command, groups, progress, reference=source),
+                                 Report(command=command))
+        report.merge(step_report)
+        report.recipe["steps"].append({"run": command, "layers_changed": len(step_report.changed),
+                                       "size": model.ByteSize(), **measure(model)})
+    steps = [Check(source, gate), Gate(gate)]
+    if save.output is not None:
+        steps.append(Save(save, tuple(protected)))
+    return run(model, steps, report)
+
+
+@dataclass
+class _StepMeasure:
+    """Score and latency of a recipe's intermediate model against its input, when the gate gives data."""
+
+    source: onnx.ModelProto
+    gate: opt.CheckOptions
+    scorer: Any = None
+
+    def __call__(self, model) -> dict:
+        if self.gate.data is None:
+            return {"score": None, "latency": None}
+        from .runtime.measure import Scorer, alternating_latency
+
+        if self.scorer is None:  # the input model's predictions, once
+            self.scorer = Scorer(self.source, self.gate.data, self.gate.labels)
+        feeds = {k: v[:8] for k, v in self.scorer.feeds.items()}
+        return {"score": self.scorer.drop(model), "latency": alternating_latency(self.source, model, feeds)}

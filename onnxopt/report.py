@@ -32,6 +32,9 @@ class Report:
 
     steps: list[str] = field(default_factory=list)  # the pipeline steps that ran, in order
     budget: dict | None = None  # factor --budget: the allocation (budget.Allocation.to_dict) and any search
+    size: dict | None = None  # serialized model bytes {"before", "after"}
+    latency: dict | None = None  # --min-speedup: measure.alternating_latency (a = input model, b = output)
+    recipe: dict | None = None  # apply: {"path", "steps": [a summary row per command]}
 
     def merge(self, step: "Report") -> None:
         """Add what one pipeline step did. A layer already listed as changed keeps its row and action
@@ -46,6 +49,7 @@ class Report:
             elif layer.action != "skipped":
                 earlier.params_after, earlier.bytes_after = layer.params_after, layer.bytes_after
         self.warnings += [w for w in step.warnings if w not in self.warnings]
+        self.budget = step.budget or self.budget
 
     @property
     def changed(self) -> list[LayerReport]:
@@ -61,7 +65,8 @@ class Report:
     def to_dict(self) -> dict:
         return {"command": self.command, "steps": self.steps, "output": self.output,
                 "layers": [asdict(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
-                "check": self.check, "budget": self.budget}
+                "check": self.check, "budget": self.budget, "size": self.size, "latency": self.latency,
+                "recipe": self.recipe}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -87,11 +92,17 @@ class Report:
             lines += budget_table(self.budget)
         if self.check:
             lines.append(format_check(self.check))
+        if self.size:
+            lines.append(f"model size: {_size(self.size['before'])} -> {_size(self.size['after'])} "
+                         f"({self.size['after'] / max(self.size['before'], 1):.1%})")
+        if self.latency:
+            lines.append(format_latency(self.latency))
         return "\n".join(lines)
 
     def text(self) -> str:
-        """The table, and where the result was written."""
-        return self.table() + (f"\nwrote {self.output}" if self.output else "")
+        """The table (with a recipe's steps first), and where the result was written."""
+        steps = recipe_lines(self.recipe) if self.recipe else []
+        return "\n".join(steps + [self.table()]) + (f"\nwrote {self.output}" if self.output else "")
 
 
 def format_check(check: dict) -> str:
@@ -103,6 +114,26 @@ def format_check(check: dict) -> str:
         line += (f"\n{score['metric']} on {score['samples']} samples: {score['reference']:.4f} -> "
                  f"{score['candidate']:.4f} (drop {score['drop']:+.4f})")
     return line
+
+
+def recipe_lines(recipe: dict) -> list[str]:
+    """One line per recipe step: what it changed, the size, and (with gate data) score and speed-up against the
+    input model."""
+    lines = [f"recipe {recipe['path']}:"]
+    for i, row in enumerate(recipe["steps"], 1):
+        line = f"  step {i} {row['run']}: {row['layers_changed']} layers changed, model {_size(row['size'])}"
+        if row["score"]:
+            line += f", {row['score']['metric']} {row['score']['candidate']:.4f} (drop {row['score']['drop']:+.4f})"
+        if row["latency"]:
+            line += f", {row['latency']['speedup']:.2f}x the input's speed"
+        lines.append(line)
+    return lines + [""]
+
+
+def format_latency(latency: dict) -> str:
+    return (f"latency (onnxruntime, batch of {latency['samples']}, median of alternating blocks): "
+            f"{latency['a_ms']:.3f} ms -> {latency['b_ms']:.3f} ms, {latency['speedup']:.2f}x "
+            f"(rounds {latency['spread'][0]:.2f}x..{latency['spread'][1]:.2f}x)")
 
 
 def budget_table(budget: dict) -> list[str]:
@@ -158,6 +189,9 @@ def compare_text(result: dict, as_json: bool = False) -> str:
         r = result[key]
         acc = "" if r["accuracy"] is None else f"accuracy {r['accuracy']:.4f}, "
         lines.append(f"{key}: {acc}median latency {r['latency_ms']:.3f} ms per batch of {result['samples']}")
+    spread = result["latency"]["spread"]
+    lines.append(f"B/A speed-up {result['latency']['speedup']:.2f}x (alternating timed blocks, per-round range "
+                 f"{spread[0]:.2f}x..{spread[1]:.2f}x)")
     if result["top1_agreement"] is not None:
         lines.append(f"top-1 agreement {result['top1_agreement']:.4f}")
     lines += [f"{name}: max abs diff {v['max_abs']:.3g}, max rel diff {v['max_rel']:.3g}"

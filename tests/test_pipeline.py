@@ -148,10 +148,11 @@ def _readme_commands() -> list[list[str]]:
 
 def test_readme_commands_run(tmp_path):
     shutil.copytree(MODELS, tmp_path / "models", ignore=shutil.ignore_patterns("*.py"))
+    shutil.copytree(ROOT / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("*.py"))
     commands = _readme_commands()
     assert len(commands) >= 10
     for args in commands:
-        if args[0] in ("factor", "binarize", "lower"):
+        if args[0] in ("factor", "binarize", "lower", "quantize", "apply"):
             args = args + ["--force"]  # several examples write the same default output
         r = cli(*args, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr)

@@ -184,48 +184,6 @@ def compare_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
             "max_rel": max((v["max_rel"] for v in outputs.values()), default=0.0)}
 
 
-def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, data_path, *, labels: str | None = None) -> dict:
-    """A vs B on the inputs in `data_path`: top-1 agreement, accuracy (with labels), differences, latency."""
-    import statistics
-    import time
-
-    feeds = load_feeds(data_path, a)
-    with np.load(data_path, allow_pickle=False) as d:
-        key = labels or ("label" if "label" in d.files else None)
-        if labels and labels not in d.files:
-            raise OnnxoptError(f"{data_path}: no array '{labels}' for --labels (has: {', '.join(d.files)})")
-        y = d[key] if key else None
-    result = {"samples": len(next(iter(feeds.values())))}
-    outs = {}
-    for tag, model in (("A", a), ("B", b)):
-        sess = session(model)
-        names = [o.name for o in sess.get_outputs()]
-        try:
-            values = sess.run(names, feeds)
-        except OnnxoptError:
-            raise
-        except Exception as exc:
-            raise OnnxoptError(f"{tag}: onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            sess.run(names, feeds)
-            times.append((time.perf_counter() - t) * 1e3)
-        outs[tag] = dict(zip(names, values))
-        first = values[0]
-        acc = None
-        if y is not None and first.ndim == 2 and len(y) == len(first):
-            acc = float((first.argmax(1) == y).mean())
-        result[tag] = {"accuracy": acc, "latency_ms": statistics.median(times)}
-    first_name = next(iter(outs["A"]))
-    if first_name not in outs["B"]:
-        raise OnnxoptError(f"B has no output '{first_name}'")
-    pa, pb = outs["A"][first_name], outs["B"][first_name]
-    result["top1_agreement"] = float((pa.argmax(-1) == pb.argmax(-1)).mean()) if pa.ndim >= 2 else None
-    result["outputs"] = output_differences(outs["A"], outs["B"])
-    return result
-
-
 def output_differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
     """Max abs difference and max abs difference / max |reference| per output both sides have."""
     diffs = {}

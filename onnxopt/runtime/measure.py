@@ -1,16 +1,19 @@
-"""Scores for gates and budget searches: a candidate model against the input model, on the same inputs.
+"""Measures for gates, searches and compare: a candidate model against the input model, on the same inputs.
 
-With labels the score is top-1 accuracy; without, top-1 agreement with the input model's own predictions,
+Scores: with labels the score is top-1 accuracy; without, top-1 agreement with the input model's own predictions,
 which needs class scores ((samples, classes) outputs). The drop is the input model's score minus the
 candidate's: the input model scores 1.0 against itself in agreement.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import numpy as np
 import onnx
 
 from ..errors import OnnxoptError, UsageError
-from . import feeds_from, graph_inputs, run
+from . import feeds_from, graph_inputs, load_feeds, output_differences, run, session
 
 LABEL_KEYS = ("label", "labels")
 
@@ -72,3 +75,58 @@ class Scorer:
 def require_scores(scorer: Scorer, flag: str = "--max-drop") -> None:
     if scorer.metric is None:
         raise UsageError(f"{flag} needs class scores (samples, classes) as the model's first output")
+
+
+def alternating_latency(a, b, feeds: dict[str, np.ndarray], *, rounds: int = 7, block_seconds: float = 0.02,
+                        warmup: int = 3) -> dict:
+    """Median milliseconds per call of models a and b on the same feeds, timed in alternating blocks (a b, b a,
+    ...) after warm-up, so that the machine's noise lands on both sides of the ratio; a block is as many calls
+    as take about `block_seconds` (at least 3). `spread`: the ratio's range over the rounds."""
+    sessions = [session(a), session(b)]
+    slowest = 0.0
+    for sess in sessions:
+        for _ in range(warmup):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+        slowest = max(slowest, time.perf_counter() - start)
+    block = max(3, int(block_seconds / max(slowest, 1e-6)))
+    times: list[list[float]] = [[], []]
+    for r in range(rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            for _ in range(block):
+                sessions[i].run(None, feeds)
+            times[i].append((time.perf_counter() - start) / block * 1e3)
+    ratios = [x / y for x, y in zip(*times)]
+    a_ms, b_ms = statistics.median(times[0]), statistics.median(times[1])
+    return {"samples": len(next(iter(feeds.values()))), "a_ms": a_ms, "b_ms": b_ms, "speedup": a_ms / b_ms,
+            "spread": [min(ratios), max(ratios)]}
+
+
+def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, data_path, *, labels: str | None = None) -> dict:
+    """A vs B on the inputs in `data_path`: accuracy (with labels), top-1 agreement (class-score outputs only),
+    output differences, and latency timed in alternating blocks (measure.alternating_latency)."""
+    feeds = load_feeds(data_path, a)
+    scorer = Scorer(a, data_path, labels)
+    outs = {}
+    for tag, model in (("A", a), ("B", b)):
+        try:
+            outs[tag] = run(model, feeds)
+        except OnnxoptError as exc:
+            raise OnnxoptError(f"{tag}: {exc}") from None
+    latency = alternating_latency(a, b, feeds)
+    classes = scorer.metric is not None
+    score = scorer.drop(b) if classes else None
+    result = {"samples": len(next(iter(feeds.values()))), "latency": latency}
+    for tag, ms in (("A", latency["a_ms"]), ("B", latency["b_ms"])):
+        acc = None
+        if score and score["metric"] == "accuracy":
+            acc = score["reference"] if tag == "A" else score["candidate"]
+        result[tag] = {"accuracy": acc, "latency_ms": ms}
+    first_name = next(iter(outs["A"]))
+    if first_name not in outs["B"]:
+        raise OnnxoptError(f"B has no output '{first_name}'")
+    result["top1_agreement"] = (float((outs["A"][first_name].argmax(-1) == outs["B"][first_name].argmax(-1)).mean())
+                                if classes else None)
+    result["outputs"] = output_differences(outs["A"], outs["B"])
+    return result
