@@ -64,18 +64,31 @@ def factor_rules(options: opt.FactorOptions, recover: opt.RecoverOptions) -> Cal
     return lambda model: factor.rules(options, _whitening(model, options, recover))
 
 
-@dataclass
-class Budgeted:
+@dataclass(kw_only=True)
+class _ScoringStep:
+    """What the steps that score their candidates against --data share (a budget search, int8 exclusion)."""
+
+    select: opt.SelectOptions
+    check: opt.CheckOptions
+    progress: Progress | None = None
+    reference: onnx.ModelProto | None = None  # what --max-drop scores against (a recipe's input), else the step's
+
+    def scorer(self, model):
+        from .runtime.measure import Scorer, require_scores
+
+        scorer = Scorer(self.reference or model, self.check.data, self.check.labels)
+        require_scores(scorer)
+        return scorer
+
+
+@dataclass(kw_only=True)
+class Budgeted(_ScoringStep):
     """factor --budget: ranks allocated under the budget (`budget.allocate`); with KIND=auto, the smallest
     budget whose model loses at most --max-drop on --data, by bisection, each candidate a full allocation.
     The SVDs (and Gram matrices) are computed once for all candidates."""
 
     options: opt.FactorOptions
     recover: opt.RecoverOptions
-    select: opt.SelectOptions
-    check: opt.CheckOptions
-    progress: Progress | None = None
-    reference: onnx.ModelProto | None = None  # what --max-drop scores against (a recipe's input), else the step's
     name: str = "factor"
 
     def __call__(self, model, report):
@@ -95,10 +108,7 @@ class Budgeted:
 
         fraction, searched = spec.fraction, None
         if fraction is None:
-            from .runtime.measure import Scorer, require_scores
-
-            scorer = Scorer(self.reference or model, self.check.data, self.check.labels)
-            require_scores(scorer)
+            scorer = self.scorer(model)
             searched = budget.search(lambda f: scorer.drop(factored(f)[0])["drop"],
                                      budget.smallest_fraction(layers, spec.kind), self.check.max_drop, self.progress)
             fraction = min((c["fraction"] for c in searched if c["passed"]), default=1.0)
@@ -108,16 +118,12 @@ class Budgeted:
         return new, report
 
 
-@dataclass
-class Quantize:
+@dataclass(kw_only=True)
+class Quantize(_ScoringStep):
     """int8 through onnxruntime.quantization (passes/quantize.py); with --max-drop on --data, the layers that cost
     most alone are kept float, one at a time, until the model passes."""
 
     options: opt.QuantizeOptions
-    select: opt.SelectOptions
-    check: opt.CheckOptions
-    progress: Progress | None = None
-    reference: onnx.ModelProto | None = None  # what --max-drop scores against (a recipe's input), else the step's
     name: str = "quantize"
 
     def __call__(self, model, report):
@@ -140,10 +146,7 @@ class Quantize:
 
         kept: dict[str, float] = {}
         if self.check.max_drop is not None:
-            from .runtime.measure import Scorer, require_scores
-
-            scorer = Scorer(self.reference or model, self.check.data, self.check.labels)
-            require_scores(scorer)
+            scorer = self.scorer(model)
             new, kept = q.keep_float_until(quantize, include, lambda m: scorer.drop(m)["drop"],
                                            self.check.max_drop, self.progress)
         else:
@@ -317,8 +320,8 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
         per_layer = tuple(("--rank-for", p) for p, _ in options.rank_overrides)
         steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, per_layer)]
         if options.budget_spec is not None:
-            steps = [Budgeted(options, recover, select or opt.SelectOptions(), groups[opt.CheckOptions], progress,
-                              reference)]
+            steps = [Budgeted(options=options, recover=recover, select=select or opt.SelectOptions(),
+                              check=groups[opt.CheckOptions], progress=progress, reference=reference)]
     elif command == "binarize":
         from .passes import binarize
 
@@ -327,7 +330,8 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
         if recover.calibration is not None:
             steps.append(Refit(recover.calibration))
     elif command == "quantize":
-        return [Quantize(groups[opt.QuantizeOptions], select, groups[opt.CheckOptions], progress, reference)]
+        return [Quantize(options=groups[opt.QuantizeOptions], select=select, check=groups[opt.CheckOptions],
+                         progress=progress, reference=reference)]
     else:
         return _lower_steps(groups[opt.LowerOptions], progress)
     if recover.trains:
