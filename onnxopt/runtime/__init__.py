@@ -110,12 +110,13 @@ def feeds_from(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Feeds from an .npz path (`load_feeds`) or a dict of arrays keyed by input name, checked alike."""
     if not isinstance(data, dict):
         return load_feeds(data, model)
-    feeds = {k: np.asarray(v) for k, v in data.items()}
+    feeds = {}
     for name, vi in graph_inputs(model).items():
-        if name not in feeds:
-            raise OnnxoptError(f"no array for input '{name}' (given: {', '.join(feeds) or 'none'})")
+        if name not in data:
+            raise OnnxoptError(f"no array for input '{name}' (given: {', '.join(data) or 'none'})")
+        feeds[name] = np.asarray(data[name])
         check_feed(name, feeds[name], vi)
-    return feeds
+    return feeds  # only the graph's inputs: labels and other arrays may ride along in the dict
 
 
 def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
