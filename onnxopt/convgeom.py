@@ -109,3 +109,22 @@ def geometry_problem(g: np.ndarray) -> str | None:
     if channels < 1:
         return f"geometry channels {channels} must be >= 1"
     return None
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], g: "Geometry") -> np.ndarray:
+    """The patches a conv of this geometry multiplies, (N·out_h·out_w, C·kh·kw) with columns ordered (c, i, j)
+    as in W.reshape(O, -1): data-aware factoring of convs needs their Gram matrix. 2-D input (N, C, H, W);
+    padded taps are zeros."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    pt, pl, oh, ow = g.resolve(h, w, kh, kw)
+    (sh, sw), (dh, dw) = g.strides, g.dilations
+    span_h, span_w = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    xp = np.zeros((n, c, max(h + pt, span_h), max(w + pl, span_w)), x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    cols = np.empty((n, oh, ow, c, kh, kw), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            taps = xp[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+            cols[..., i, j] = taps.transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, c * kh * kw)

@@ -112,6 +112,21 @@ class SelectOptions:
                          extra=list(extra_patterns))
 
 
+CONV_MODES = ("auto", "channel", "tucker", "spatial")
+
+
+def _tucker_ranks(text: str) -> tuple[int, int]:
+    """`R1xR2`: a conv's Tucker-2 ranks (input, output channels)."""
+    r1, _, r2 = str(text).partition("x")
+    try:
+        pair = (int(r1), int(r2))
+    except ValueError:
+        pair = (0, 0)
+    if min(pair) < 1:
+        raise UsageError(f"invalid Tucker ranks '{text}' for --rank-for: expected R1xR2 like 16x32")
+    return pair
+
+
 @dataclass
 class FactorOptions:
     """`factor`: how each dense layer's rank is chosen and how its factors are computed."""
@@ -126,6 +141,10 @@ class FactorOptions:
     rank_for: tuple = option(help="Per-layer rank; first match wins (repeatable).", metavar="PATTERN=R", repeat=True)
     projection_fn: Any = option(help="W (m x n numpy array) -> rank k.", metavar="MODULE:FUNCTION")
     factor_fn: Any = option(help="(W, k) -> (U, V), replacing the SVD.", metavar="MODULE:FUNCTION")
+    conv_mode: str = option("auto", "How convs are factored: channel (kxk conv to k channels, then 1x1), tucker "
+                                    "(1x1, kxk core, 1x1), spatial (kx1 then 1xk), or auto: per layer the one with "
+                                    "the lowest weight error at the channel mode's size.",
+                            metavar="auto|channel|tucker|spatial")
     allow_growth: bool = option(False, "Factor even layers where k(m+n) >= m*n (e.g. full-rank checks).")
     seed: int = option(0, "Seed of the randomized SVD.", cli=False)
 
@@ -148,8 +167,12 @@ class FactorOptions:
         self.rank_spec = linalg.RankSpec.parse(self.rank) if self.rank is not None else None
         if self.energy is not None:
             linalg.parse_energy(self.energy)
-        self.rank_overrides = [(p, linalg.RankSpec.parse(r)) for p, r in _pairs(self.rank_for, "--rank-for")]
+        _choice(self.conv_mode, CONV_MODES, "--conv-mode")
+        pairs = _pairs(self.rank_for, "--rank-for")
+        self.rank_overrides = [(p, linalg.RankSpec.parse(r)) for p, r in pairs if "x" not in str(r)]
+        self.tucker_overrides = [(p, _tucker_ranks(r)) for p, r in pairs if "x" in str(r)]
         self.projection_function = load_function(self.projection_fn, "--projection-fn")
+        self.patterns = tuple(("--rank-for", p) for p, _ in self.rank_overrides + self.tucker_overrides)
         self.factor_function = load_function(self.factor_fn, "--factor-fn")
 
 

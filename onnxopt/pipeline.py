@@ -97,7 +97,7 @@ class Budgeted(_ScoringStep):
 
         spec, whitening = self.options.budget_spec, _whitening(model, self.options, self.recover)
         layers, spectra = budget.collect(model, factor.rules(self.options), self.select.selection(), whitening)
-        patterns = tuple(("--rank-for", p) for p, _ in self.options.rank_overrides)
+        patterns = self.options.patterns
 
         def factored(fraction):
             allocation = budget.allocate(layers, spec.kind, fraction)
@@ -317,8 +317,7 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
     select = groups.get(opt.SelectOptions)
     if command == "factor":
         options = groups[opt.FactorOptions]
-        per_layer = tuple(("--rank-for", p) for p, _ in options.rank_overrides)
-        steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, per_layer)]
+        steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, options.patterns)]
         if options.budget_spec is not None:
             steps = [Budgeted(options=options, recover=recover, select=select or opt.SelectOptions(),
                               check=groups[opt.CheckOptions], progress=progress, reference=reference)]

@@ -1,4 +1,4 @@
-"""factor: Gemm, and MatMul with a constant 2-D weight, → two MatMuls of rank k.
+"""factor: Gemm, and MatMul with a constant 2-D weight, → two MatMuls of rank k (Conv: factor_conv.py).
 
 Gemm computes Y = α·A'·B' + β·C (A' = Aᵀ if transA, B' = Bᵀ if transB). With W = α·B' (m×n)
 and W ≈ U·V (U m×k, V k×n): Y ≈ (A'·U)·V + β·C, costing k(m+n) instead of m·n multiply-adds
@@ -55,9 +55,18 @@ class _DenseRule(Rule):
         """Rows per sample the weight multiplies (tokens of a MatMul on 3-D input)."""
         return 1
 
-    def calibration_input(self, node: onnx.NodeProto) -> tuple[str, bool]:
-        """The tensor whose Gram matrix data-aware factors need, and whether it is transposed (rows = features)."""
-        return node.input[0], False
+    def calibration_input(self, node: onnx.NodeProto) -> str:
+        """The tensor whose Gram matrix data-aware factors need."""
+        return node.input[0]
+
+    def calibration_gram(self, node: onnx.NodeProto, x: np.ndarray, constant) -> np.ndarray:
+        """XᵀX of one batch of that tensor, X its values as rows of the m features the weight multiplies
+        (`constant(name)` looks up the graph's constants)."""
+        rows = self.calibration_rows(node, x).astype(np.float64)
+        return rows.T @ rows
+
+    def calibration_rows(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
+        return x.reshape(-1, x.shape[-1])
 
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) <= self.weight_input:
@@ -157,8 +166,8 @@ def _input_mismatch(ctx: GraphContext, tensor: str, axis: int, rows: int) -> str
 
 
 class GemmRule(_DenseRule):
-    def calibration_input(self, node):
-        return node.input[0], bool(_attrs(node).get("transA", 0))
+    def calibration_rows(self, node, x):
+        return x.T if _attrs(node).get("transA", 0) else x
 
     def weight(self, node, ctx):
         a = _attrs(node)
@@ -234,5 +243,8 @@ class MatMulRule(_DenseRule):
 
 def rules(options: FactorOptions, whitening: dict[str, np.ndarray] | None = None, *,
           ranks: dict[str, int | None] | None = None, spectra: dict[str, linalg.Spectrum] | None = None) -> dict:
+    from . import factor_conv  # imports this module's _DenseRule
+
     return {("", "Gemm"): GemmRule(options, whitening, ranks, spectra),
-            ("", "MatMul"): MatMulRule(options, whitening, ranks, spectra)}
+            ("", "MatMul"): MatMulRule(options, whitening, ranks, spectra),
+            **factor_conv.rules(options, whitening, ranks, spectra)}

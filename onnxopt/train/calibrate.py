@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from .. import ops
 from ..errors import OnnxoptError
 from ..kernels import reference
-from ..model import copy_model, unique_node_names
+from ..model import Constants, copy_model, unique_node_names
 from ..passes import Rules, apply_rules, op_key, unbinarize
 from ..runtime import feeds_from, session
 
@@ -59,19 +59,19 @@ def activations(model: onnx.ModelProto, feeds, names: list[str]) -> Iterator[dic
 
 def dense_grams(model: onnx.ModelProto, feeds, rules: Rules) -> dict[str, np.ndarray]:
     """{layer name: XᵀX} for the layers `rules` (factor's) take, each rule naming the input it needs
-    (`calibration_input(node) -> (tensor, transposed)`); X is (rows, m)."""
+    (`calibration_input(node)`) and the Gram matrix of one batch of it (`calibration_gram`: of a conv's
+    patches, for a conv); accumulated batch by batch."""
     layers = {}
     for node, name in zip(model.graph.node, unique_node_names(model.graph)):
         rule = rules.get(op_key(node))
         if rule is not None and hasattr(rule, "calibration_input"):
-            layers[name] = rule.calibration_input(node)
-    tensors = sorted({t for t, _ in layers.values()})
+            layers[name] = (rule.calibration_input(node), rule, node)
+    tensors = sorted({t for t, _, _ in layers.values()})
+    constants = Constants(model.graph)
     grams: dict[str, np.ndarray] = {}
     for acts in activations(model, feeds, tensors):
-        for name, (tensor, transposed) in layers.items():
-            x = acts[tensor]
-            x = (x.T if transposed else x.reshape(-1, x.shape[-1])).astype(np.float64)
-            grams[name] = grams.get(name, 0) + x.T @ x
+        for name, (tensor, rule, node) in layers.items():
+            grams[name] = grams.get(name, 0) + rule.calibration_gram(node, acts[tensor], constants.get)
     return grams
 
 
