@@ -68,7 +68,7 @@ def _one_error_line(r, code, text):
     (["factor", "mlp.onnx", "--rank", "1.5"], 2, "invalid rank"),
     (["factor", "mlp.onnx", "--rank", "abc"], 2, "invalid rank"),
     (["factor", "mlp.onnx"], 2, "give a rank"),
-    (["factor", "mlp.onnx", "--rank", "4", "--rank-for", "nothing_here=2"], 2, "matches no Gemm/MatMul layer"),
+    (["factor", "mlp.onnx", "--rank", "4", "--rank-for", "nothing_here=2"], 2, "matches no Gemm/MatMul/Conv layer"),
     (["factor", "mlp.onnx", "--projection-fn", "no_such_module:f"], 2, "cannot import"),
     (["factor", "mlp.onnx", "--projection-fn", "notaspec"], 2, "expected module:function"),
     (["factor", "mlp.onnx", "--bogus"], 2, "No such option"),

@@ -11,14 +11,12 @@ import onnx
 from onnx import helper
 
 from .. import linalg
-from ..errors import OnnxoptError
 from ..model import node_attributes as _attrs
 from ..options import FactorOptions
 from ..report import LayerReport
-from ..select import matches
-from . import Declined, GraphContext, Rewrite, Rule
-
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
+from . import Declined, GraphContext, Rewrite
+from . import factor_conv
+from .lowrank import FLOAT_TYPES, LowRankRule
 
 
 def _rows(ctx: GraphContext, tensor: str) -> int:
@@ -29,44 +27,8 @@ def _rows(ctx: GraphContext, tensor: str) -> int:
     return int(np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]))
 
 
-class _DenseRule(Rule):
-    """What Gemm and MatMul share: the weight, the rank choice, and the two-MatMul replacement.
-    `whitening` maps a layer name to the Gram matrix XᵀX of its input (calibration), if any; `ranks` to the
-    rank a budget allocated it (None: keep it dense), `spectra` to its SVD, computed once for the budget."""
-
-    weight_input = 1
-
-    def __init__(self, options: FactorOptions, whitening: dict[str, np.ndarray] | None = None,
-                 ranks: dict[str, int | None] | None = None, spectra: dict[str, linalg.Spectrum] | None = None):
-        self.options = options
-        self.whitening = whitening or {}
-        self.ranks = ranks
-        self.spectra = spectra or {}
-
-    def weight(self, node: onnx.NodeProto, ctx: GraphContext) -> np.ndarray:
-        """W (m×n) of Y = X·W, once `check` has passed."""
-        return ctx.constant(node.input[self.weight_input])
-
-    def bias_size(self, node: onnx.NodeProto, ctx: GraphContext) -> int:
-        """Parameters the layer keeps whatever its rank (a constant bias)."""
-        return 0
-
-    def rows(self, node: onnx.NodeProto, ctx: GraphContext) -> int:
-        """Rows per sample the weight multiplies (tokens of a MatMul on 3-D input)."""
-        return 1
-
-    def calibration_input(self, node: onnx.NodeProto) -> str:
-        """The tensor whose Gram matrix data-aware factors need."""
-        return node.input[0]
-
-    def calibration_gram(self, node: onnx.NodeProto, x: np.ndarray, constant) -> np.ndarray:
-        """XᵀX of one batch of that tensor, X its values as rows of the m features the weight multiplies
-        (`constant(name)` looks up the graph's constants)."""
-        rows = self.calibration_rows(node, x).astype(np.float64)
-        return rows.T @ rows
-
-    def calibration_rows(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
-        return x.reshape(-1, x.shape[-1])
+class _DenseRule(LowRankRule):
+    """What Gemm and MatMul share: the checks and the two-MatMul replacement."""
 
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         if len(node.input) <= self.weight_input:
@@ -83,50 +45,6 @@ class _DenseRule(Rule):
         if not np.isfinite(w).all():
             return "weight has NaN or infinite values"
         return None
-
-    def pinned_rank(self, name: str, w: np.ndarray) -> int | None:
-        """The rank a --rank-for pattern gives the layer, if one matches."""
-        spec = next((s for p, s in self.options.rank_overrides if matches(name, p)), None)
-        return None if spec is None else spec.resolve(*w.shape)
-
-    def choose_rank(self, name: str, w: np.ndarray) -> int:
-        opts = self.options
-        m, n = w.shape
-        pinned = self.pinned_rank(name, w)
-        if pinned is not None:
-            return pinned
-        if self.ranks is not None:
-            if self.ranks.get(name) is None:
-                raise Declined("kept dense by --budget")
-            return self.ranks[name]
-        if opts.projection_function is not None:
-            k = opts.projection_function(w)
-            if isinstance(k, (float, np.floating)) and 0 < k <= 1:
-                return linalg.RankSpec(fraction=float(k)).resolve(m, n)
-            if not isinstance(k, (int, np.integer)) or k < 1:
-                raise OnnxoptError(f"{name}: projection function returned {k!r}, expected an integer rank >= 1")
-            return min(int(k), m, n)
-        if opts.energy is not None:
-            return linalg.rank_for_energy(linalg.singular_values(w), opts.energy)
-        if opts.rank_spec is None:
-            raise Declined("no --rank-for pattern matches it and no --rank was given")
-        return opts.rank_spec.resolve(m, n)
-
-    def factors(self, name: str, w: np.ndarray, k: int) -> linalg.Factors:
-        opts = self.options
-        if opts.factor_function is not None:
-            u, v = opts.factor_function(w, k)
-            u, v = np.asarray(u), np.asarray(v)
-            if u.shape != (w.shape[0], k) or v.shape != (k, w.shape[1]):
-                raise OnnxoptError(f"{name}: factor function returned shapes {u.shape} and {v.shape}, "
-                                   f"expected {(w.shape[0], k)} and {(k, w.shape[1])}")
-            return linalg.Factors(u, v, linalg.relative_error(w, u, v), "factor function")
-        if name in self.spectra:
-            return self.spectra[name].factors(k)
-        gram = self.whitening.get(name)
-        if gram is not None:
-            return linalg.whitened_low_rank(w, k, gram)
-        return linalg.low_rank(w, k, seed=opts.seed)
 
     def replace(self, node, ctx, x: str, *, pre_nodes=(), bias_nodes=(), bias_inits=()) -> Rewrite:
         """x → [pre_nodes] → MatMul(U) → MatMul(V) → [bias_nodes, whose first input "" is the product]."""
@@ -243,8 +161,6 @@ class MatMulRule(_DenseRule):
 
 def rules(options: FactorOptions, whitening: dict[str, np.ndarray] | None = None, *,
           ranks: dict[str, int | None] | None = None, spectra: dict[str, linalg.Spectrum] | None = None) -> dict:
-    from . import factor_conv  # imports this module's _DenseRule
-
     return {("", "Gemm"): GemmRule(options, whitening, ranks, spectra),
             ("", "MatMul"): MatMulRule(options, whitening, ranks, spectra),
             **factor_conv.rules(options, whitening, ranks, spectra)}

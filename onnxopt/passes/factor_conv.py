@@ -23,7 +23,7 @@ from ..model import node_attributes as _attrs
 from ..report import LayerReport
 from ..select import matches
 from . import Declined, Rewrite
-from .factor import FLOAT_TYPES, _DenseRule
+from .lowrank import FLOAT_TYPES, LowRankRule
 
 MODES = ("auto", "channel", "tucker", "spatial")
 HOOI_SWEEPS = 5
@@ -55,7 +55,7 @@ def _spatial_matrix(w: np.ndarray) -> np.ndarray:
     return np.asarray(w, np.float64).transpose(1, 2, 0, 3).reshape(c * kh, o * kw)
 
 
-class ConvRule(_DenseRule):
+class ConvRule(LowRankRule):
     """Conv with a constant 4-D float weight and group 1."""
 
     def check(self, node, ctx):
@@ -217,7 +217,8 @@ class ConvRule(_DenseRule):
 
     def _tucker(self, node, ctx, w, ranks):
         o, c, kh, kw = w.shape
-        r1, r2 = min(ranks[0], c), min(ranks[1], o)
+        # a mode's rank cannot exceed its unfolding's: C x (O·kh·kw) and O x (C·kh·kw)
+        r1, r2 = min(ranks[0], c, o * kh * kw), min(ranks[1], o, c * kh * kw)
         params = c * r1 + r1 * r2 * kh * kw + r2 * o
         self._growth(int(w.size), params, f"ranks {r1}x{r2}")
         u_in, core, u_out, error = tucker2(w, r1, r2)

@@ -1,0 +1,108 @@
+"""`factor` (convs and dense layers) on real exported graphs: does it run, is the output valid, how much of the
+whole model's weights does it remove, and how far do the outputs move (random weights for resnet18).
+
+- resnet18 written in plain torch (torchvision's wheels do not load against torch 2.13 here), exported by the
+  legacy and by the dynamo exporter (needs `pip install torch==2.13.0 onnxscript`);
+- any .onnx given with --model (e.g. PaddleOCR det/rec/cls from the `rapidocr-onnxruntime` wheel, the YOLOv8n
+  detector `320n.onnx` from the `nudenet` wheel: `pip download --no-deps`, then unzip).
+
+    python benchmarks/real_models.py [--model PATH ...] [--rank 0.5] [--skip-torch]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxopt import api
+from onnxopt.runtime import random_feeds, run
+
+
+def weights(model: onnx.ModelProto) -> int:
+    """Every constant element of the model: initializers and Constant nodes."""
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    total += int(numpy_helper.to_array(a.t).size)
+    return total
+
+
+def resnet18_exports(folder: Path) -> list[Path]:
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                               if stride != 1 or cin != cout else None)
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet18(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+            for i, (cin, cout, stride) in enumerate(widths, 1):
+                setattr(self, f"layer{i}", nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1)))
+            self.fc = nn.Linear(512, 1000)
+
+        def forward(self, x):
+            x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    x = torch.randn(1, 3, 224, 224)
+    paths = []
+    for dynamo in (False, True):
+        path = folder / f"resnet18_{'dynamo' if dynamo else 'legacy'}.onnx"
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["input"], output_names=["logits"],
+                          **({"external_data": False} if dynamo else {"opset_version": 17}))
+        paths.append(path)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="*", default=[])
+    parser.add_argument("--rank", default="0.5")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [] if args.skip_torch else resnet18_exports(Path(tmp))
+        paths += [Path(p) for p in args.model]
+        print(f"| model | weights before | after `--rank {args.rank}` | convs factored (channel/tucker/spatial) | "
+              "dense factored | left alone | valid, runs | max rel output diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        for path in paths:
+            source = api._source(str(path))[0]
+            new, report = api.factor(source, rank=args.rank)
+            onnx.checker.check_model(new)
+            feeds = random_feeds(source, 1)
+            a, b = run(source, feeds), run(new, feeds)
+            rel = max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(a[k])), 1e-12)) for k in a)
+            modes = [x.action for x in report.changed if x.op_type == "Conv"]
+            counts = "/".join(str(sum(m == f"factored ({k})" for m in modes)) for k in ("channel", "tucker", "spatial"))
+            dense = sum(x.op_type != "Conv" for x in report.changed)
+            print(f"| {path.name} | {weights(source):,} | {weights(new):,} ({weights(new) / weights(source):.0%}) | "
+                  f"{counts} | {dense} | {len(report.layers) - len(report.changed)} | yes | {rel:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
