@@ -33,7 +33,9 @@ def weights(model: onnx.ModelProto) -> int:
     return total
 
 
-def resnet18_exports(folder: Path) -> list[Path]:
+def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: int = 1000) -> list[Path]:
+    """torchvision's resnet18 layout and module names (conv1, bn1, layer1.0.conv1, ..., fc), `width` channels in
+    the first stage, exported by both exporters."""
     import torch
     from torch import nn
 
@@ -54,12 +56,13 @@ def resnet18_exports(folder: Path) -> list[Path]:
     class ResNet18(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            w = width
+            widths = [(w, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)]
             for i, (cin, cout, stride) in enumerate(widths, 1):
                 setattr(self, f"layer{i}", nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1)))
-            self.fc = nn.Linear(512, 1000)
+            self.fc = nn.Linear(8 * width, classes)
 
         def forward(self, x):
             x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
@@ -68,7 +71,7 @@ def resnet18_exports(folder: Path) -> list[Path]:
 
     torch.manual_seed(0)
     model = ResNet18().eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, size, size)
     paths = []
     for dynamo in (False, True):
         path = folder / f"resnet18_{'dynamo' if dynamo else 'legacy'}.onnx"
@@ -83,7 +86,12 @@ def main():
     parser.add_argument("--model", nargs="*", default=[])
     parser.add_argument("--rank", default="0.5")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--write-test-models", metavar="DIR", help="write the tiny resnets the tests use, and stop")
     args = parser.parse_args()
+    if args.write_test_models:  # the module names of resnet18 at 1/16 of its width: a few hundred KB
+        for path in resnet18_exports(Path(args.write_test_models), width=4, size=32, classes=10):
+            path.rename(path.with_name(path.name.replace("resnet18", "resnet18_tiny")))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         paths = [] if args.skip_torch else resnet18_exports(Path(tmp))
         paths += [Path(p) for p in args.model]

@@ -226,6 +226,7 @@ def collect(model, rules, selection, whitening: dict | None = None) -> tuple[lis
     and the SVD of each layer whose rank the allocation chooses (pinned ones keep --rank-for's)."""
     from . import linalg
     from .passes import GraphContext, op_key
+    from .select import layer_paths
 
     ctx = GraphContext(model)
     layers, spectra = [], {}
@@ -237,7 +238,7 @@ def collect(model, rules, selection, whitening: dict | None = None) -> tuple[lis
         if selection.decline_reason(node, name) or rule.check(node, ctx):
             continue
         w = rule.weight(node, ctx)
-        pinned = rule.pinned_rank(name, w)
+        pinned = rule.pinned_rank(name, w, layer_paths(node))
         if pinned is None:
             spectra[name] = linalg.spectrum(w, (whitening or {}).get(name))
             tail = spectra[name].tail_energy()

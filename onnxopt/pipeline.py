@@ -16,7 +16,7 @@ import onnx
 
 from . import options as opt
 from .errors import GateFailed, UsageError
-from .passes import Progress, Rules, apply_rules, candidate_names
+from .passes import Progress, Rules, apply_rules, candidate_layers
 from .report import Report
 
 Step = Callable[[onnx.ModelProto, Report], tuple[onnx.ModelProto, Report]]
@@ -35,17 +35,29 @@ class Pass:
     def __call__(self, model, report):
         rules = self.rules(model)
         selection = (self.select or opt.SelectOptions()).selection(list(self.patterns))
-        _check_patterns(selection, candidate_names(model, rules), "/".join(op for _, op in rules))
+        matched = _check_patterns(selection, candidate_layers(model, rules), "/".join(op for _, op in rules))
         new, step_report = apply_rules(model, rules, selection, command=self.name, progress=self.progress)
+        step_report.patterns = matched
         report.merge(step_report)
         return new, report
 
 
-def _check_patterns(selection, names: list[str], kinds: str) -> None:
-    """A pattern that matches no candidate layer is a usage error (a typo would otherwise change the
-    wrong layers, or none), the same for --only, --skip and --rank-for."""
-    for flag, pattern in selection.unused_patterns(names):
-        raise UsageError(f"{flag} pattern '{pattern}' matches no {kinds} layer")
+def _check_patterns(selection, layers: list[tuple[str, tuple]], kinds: str) -> list[dict]:
+    """What each pattern matches among the candidate layers; one that matches none is a usage error (a typo would
+    otherwise change the wrong layers, or none), the same for --only, --skip and --rank-for."""
+    matched = selection.matched(layers)
+    for m in matched:
+        if not m["layers"]:
+            raise UsageError(f"{m['flag']} pattern '{m['pattern']}' matches no {kinds} layer{_close(m, layers)}")
+    return matched
+
+
+def _close(m: dict, layers) -> str:
+    import difflib
+
+    names = sorted({p for n, paths in layers for p in (n, *paths)})
+    close = difflib.get_close_matches(m["pattern"], names, n=3, cutoff=0.5)
+    return f" (close: {', '.join(close)})" if close else ""
 
 
 def _whitening(model, options: opt.FactorOptions, recover: opt.RecoverOptions) -> dict | None:
@@ -138,7 +150,8 @@ class Quantize(_ScoringStep):
             calibration = load_calibration(self.options.calibration, named)
         selection = self.select.selection()
         include, step_report = q.candidates(named, selection, dynamic=calibration is None)
-        _check_patterns(selection, [x.name for x in step_report.layers], "Conv/Gemm/MatMul")
+        step_report.patterns = _check_patterns(selection, q.candidate_layers(named, dynamic=calibration is None),
+                                               "Conv/Gemm/MatMul")
 
         def quantize(names):
             return q.run_quantizer(named, names, calibration=calibration, per_channel=self.options.per_channel,

@@ -35,6 +35,7 @@ class Report:
     size: dict | None = None  # serialized model bytes {"before", "after"}
     latency: dict | None = None  # --min-speedup: measure.alternating_latency (a = input model, b = output)
     recipe: dict | None = None  # apply: {"path", "steps": [a summary row per command]}
+    patterns: list | None = None  # [{"flag", "pattern", "layers": [names matched]}]
 
     def merge(self, step: "Report") -> None:
         """Add what one pipeline step did. A layer already listed as changed keeps its row and action
@@ -50,6 +51,7 @@ class Report:
                 earlier.params_after, earlier.bytes_after = layer.params_after, layer.bytes_after
         self.warnings += [w for w in step.warnings if w not in self.warnings]
         self.budget = step.budget or self.budget
+        self.patterns = step.patterns or self.patterns
 
     @property
     def changed(self) -> list[LayerReport]:
@@ -66,7 +68,7 @@ class Report:
         return {"command": self.command, "steps": self.steps, "output": self.output,
                 "layers": [asdict(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
                 "check": self.check, "budget": self.budget, "size": self.size, "latency": self.latency,
-                "recipe": self.recipe}
+                "recipe": self.recipe, "patterns": self.patterns}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -85,6 +87,10 @@ class Report:
         rows.append(["total", "", "", f"{t['layers_changed']} changed", "",
                      _arrow(t["params_before"], t["params_after"]), _arrow(t["flops_before"], t["flops_after"]), ""])
         lines = _columns(head, rows)
+        for m in self.patterns or []:
+            shown = ", ".join(m["layers"][:4]) + (f", … ({len(m['layers'])} in all)" if len(m["layers"]) > 4 else "")
+            lines.append(f"{m['flag']} '{m['pattern']}' matched {len(m['layers'])} layer"
+                         f"{'s' if len(m['layers']) != 1 else ''}: {shown}")
         if t["bytes_before"]:
             lines.append(f"weights of changed layers: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
                          f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")

@@ -166,7 +166,7 @@ def test_skip_matches_plain_node_name(rng):
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     model = conv_model(w, name="first_conv")
     out, report = onnxopt.binarize_with_report(model, skip=["first_conv"])
-    assert report.layers[0].reason == "skipped by pattern 'first_conv'"
+    assert report.layers[0].reason == "--skip 'first_conv'"
 
 
 def test_wrong_feed_raises_and_process_survives(cnn_path, tmp_path):

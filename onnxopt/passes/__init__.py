@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from ..model import Constants, copy_model, infer_shapes, static_shape, unique_node_names
 from ..report import LayerReport, Report
-from ..select import Selection
+from ..select import Selection, layer_paths
 
 Progress = Callable[[list, str], Iterable]
 
@@ -98,10 +98,10 @@ class GraphContext:
         return numpy_helper.from_array(np.ascontiguousarray(array), self.fresh(base))
 
 
-def candidate_names(model: onnx.ModelProto, rules: Rules) -> list[str]:
-    """Names of the main-graph nodes a pass could touch, as reports and patterns see them."""
+def candidate_layers(model: onnx.ModelProto, rules: Rules) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, module paths) of the main-graph nodes a pass could touch, as reports and patterns see them."""
     g = model.graph
-    return [name for node, name in zip(g.node, unique_node_names(g)) if op_key(node) in rules]
+    return [(name, layer_paths(node)) for node, name in zip(g.node, unique_node_names(g)) if op_key(node) in rules]
 
 
 def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | None = None, *, command: str,

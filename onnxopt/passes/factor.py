@@ -16,6 +16,7 @@ from ..options import FactorOptions
 from ..report import LayerReport
 from . import Declined, GraphContext, Rewrite
 from . import factor_conv
+from ..select import layer_paths
 from .lowrank import FLOAT_TYPES, LowRankRule
 
 
@@ -52,7 +53,7 @@ class _DenseRule(LowRankRule):
         w = self.weight(node, ctx)
         extra_params, rows = self.bias_size(node, ctx), self.rows(node, ctx)
         m, n = w.shape
-        k = self.choose_rank(name, w)
+        k = self.choose_rank(name, w, layer_paths(node))
         if k * (m + n) >= m * n and not self.options.allow_growth:
             raise Declined(f"rank {k} gains nothing: k(m+n) = {k * (m + n):,} >= m*n = {m * n:,}")
         f = self.factors(name, w, k)

@@ -9,7 +9,8 @@
   Conv(r→O, 1×kw) + bias, the vertical geometry on the first, the horizontal on the second (explicit pads only).
 Zero padding stays exact in every mode: the convs before the padded one have no bias, so padding their output
 equals padding the input. `auto` (the default) takes, per layer, the mode with the lowest weight error at the
-size `--rank` gives the channel mode (ranks of the other modes chosen to match that size), and says which.
+size `--rank` gives the channel mode (ranks of the other modes chosen to match that size), and says which; it
+leaves the conv dense when that form keeps more than 2/3 of its FLOPs (not measurably faster, see AUTO_MAX_FLOPS).
 Grouped/depthwise convs and 1-D/3-D convs are left alone with the reason.
 """
 from __future__ import annotations
@@ -21,12 +22,16 @@ from .. import linalg
 from ..convgeom import Geometry, im2col
 from ..model import node_attributes as _attrs
 from ..report import LayerReport
-from ..select import matches
+from ..select import layer_paths, matches
 from . import Declined, Rewrite
 from .lowrank import FLOAT_TYPES, LowRankRule
 
 MODES = ("auto", "channel", "tucker", "spatial")
 HOOI_SWEEPS = 5
+# auto leaves a conv dense when its factored form keeps more than this share of the FLOPs: measured in
+# onnxruntime (benchmarks/factor_conv.py), factored 3x3 convs run at 0.65–1.0x of their FLOP ratio, so a form
+# that saves less than a third of the FLOPs may well run slower than the original
+AUTO_MAX_FLOPS = 2 / 3
 
 
 def tucker2(w: np.ndarray, r1: int, r2: int, sweeps: int = HOOI_SWEEPS):
@@ -40,13 +45,14 @@ def tucker2(w: np.ndarray, r1: int, r2: int, sweeps: int = HOOI_SWEEPS):
 
     u_out = leading(w64.reshape(o, -1), r2)
     u_in = leading(w64.transpose(1, 0, 2, 3).reshape(c, -1), r1)
-    for _ in range(sweeps):
-        u_out = leading(np.einsum("ocij,cr->orij", w64, u_in).reshape(o, -1), r2)
-        u_in = leading(np.einsum("ocij,os->csij", w64, u_out).reshape(c, -1), r1)
-    core = np.einsum("ocij,os,cr->srij", w64, u_out, u_in)
-    approx = np.einsum("srij,os,cr->ocij", core, u_out, u_in)
-    norm = np.linalg.norm(w64)
-    return u_in, core, u_out, float(np.linalg.norm(w64 - approx) / norm) if norm else 0.0
+    for _ in range(sweeps):  # optimize=True: pairwise products, not one 6-index loop (minutes at 512 channels)
+        u_out = leading(np.einsum("ocij,cr->orij", w64, u_in, optimize=True).reshape(o, -1), r2)
+        u_in = leading(np.einsum("ocij,os->csij", w64, u_out, optimize=True).reshape(c, -1), r1)
+    core = np.einsum("ocij,os,cr->srij", w64, u_out, u_in, optimize=True)
+    # the factors are orthonormal, so the approximation is a projection: ‖W − Ŵ‖² = ‖W‖² − ‖core‖²
+    total = float(np.sum(w64 ** 2))
+    error = float(np.sqrt(max(total - float(np.sum(core ** 2)), 0.0) / total)) if total else 0.0
+    return u_in, core, u_out, error
 
 
 def _spatial_matrix(w: np.ndarray) -> np.ndarray:
@@ -109,11 +115,13 @@ class ConvRule(LowRankRule):
     def rewrite(self, node, ctx):
         name = ctx.name_of(node)
         w = self.kernel(node, ctx)
-        pin = next((r for p, r in self.options.tucker_overrides if matches(name, p)), None)
+        paths = layer_paths(node)
+        pin = next((r for p, r in self.options.tucker_overrides if matches(name, p, paths)), None)
         mode = "tucker" if pin else "channel" if self.ranks is not None else self.options.conv_mode
-        k = None if pin else self.choose_rank(name, self.weight(node, ctx))  # budgets allocate channel ranks
+        k = None if pin else self.choose_rank(name, self.weight(node, ctx), paths)  # budgets allocate channel ranks
         spatial_ok = w.shape[2] * w.shape[3] > 1 and _attrs(node).get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-        if mode == "auto":
+        automatic = mode == "auto"
+        if automatic:
             mode, size = self._best_mode(w, k, spatial_ok)
         elif mode == "tucker":
             size = pin or self._tucker_ranks(w, k)
@@ -123,7 +131,12 @@ class ConvRule(LowRankRule):
             size = self._spatial_rank(w, k)
         else:
             size = k
-        return {"channel": self._channel, "tucker": self._tucker, "spatial": self._spatial}[mode](node, ctx, w, size)
+        rewrite = {"channel": self._channel, "tucker": self._tucker, "spatial": self._spatial}[mode](node, ctx, w, size)
+        layer = rewrite.layer
+        if automatic and layer.flops_after > AUTO_MAX_FLOPS * layer.flops_before:
+            raise Declined(f"auto: the best form ({mode}) keeps {layer.flops_after / layer.flops_before:.0%} of the "
+                           f"FLOPs, too few saved to run faster in onnxruntime; --conv-mode {mode} forces it")
+        return rewrite
 
     # ---- sizes and the automatic choice ----
 

@@ -55,15 +55,15 @@ class LowRankRule(Rule):
     def calibration_rows(self, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1, x.shape[-1])
 
-    def pinned_rank(self, name: str, w: np.ndarray) -> int | None:
-        """The rank a --rank-for pattern gives the layer, if one matches."""
-        spec = next((s for p, s in self.options.rank_overrides if matches(name, p)), None)
+    def pinned_rank(self, name: str, w: np.ndarray, paths: tuple[str, ...] = ()) -> int | None:
+        """The rank a --rank-for pattern gives the layer (name, module paths), if one matches."""
+        spec = next((s for p, s in self.options.rank_overrides if matches(name, p, paths)), None)
         return None if spec is None else spec.resolve(*w.shape)
 
-    def choose_rank(self, name: str, w: np.ndarray) -> int:
+    def choose_rank(self, name: str, w: np.ndarray, paths: tuple[str, ...] = ()) -> int:
         opts = self.options
         m, n = w.shape
-        pinned = self.pinned_rank(name, w)
+        pinned = self.pinned_rank(name, w, paths)
         if pinned is not None:
             return pinned
         if self.ranks is not None:

@@ -22,6 +22,7 @@ import onnx
 from ..model import copy_model, load_model, unique_node_names
 from ..ops import DOMAIN
 from ..report import LayerReport, Report
+from ..select import layer_paths
 from . import GraphContext, Rule, op_key
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")  # the layers with weights; onnxruntime quantizes the ops between them too
@@ -175,6 +176,10 @@ def quantized_layers(model: onnx.ModelProto) -> set[str]:
         elif node.op_type in ("MatMulInteger", "ConvInteger"):
             names.add(node.name.rsplit("_quant", 1)[0])
     return names
+
+
+def candidate_layers(model: onnx.ModelProto, dynamic: bool) -> list[tuple[str, tuple[str, ...]]]:
+    return [(n.name, layer_paths(n)) for n in model.graph.node if op_key(n) in rules(dynamic)]
 
 
 def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
