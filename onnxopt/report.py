@@ -5,6 +5,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+LARGE_ERROR = 0.5  # a layer losing more than this relative error is warned about
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -13,6 +16,7 @@ class LayerReport:
     action: str = "skipped"  # factored | binarized | lowered | skipped
     reason: str = ""
     rank: int | None = None
+    full_rank: int | None = None  # min(m, n) of the factored matrix: rank 81 of 400
     params_before: int = 0
     params_after: int = 0
     flops_before: int = 0
@@ -80,7 +84,8 @@ class Report:
             if x.action == "skipped":
                 rows.append([x.name, x.op_type, x.shape, f"skipped: {x.reason}", "", "", "", ""])
                 continue
-            rows.append([x.name, x.op_type, x.shape, x.action, "" if x.rank is None else str(x.rank),
+            rank = "" if x.rank is None else f"{x.rank}/{x.full_rank}" if x.full_rank else str(x.rank)
+            rows.append([x.name, x.op_type, x.shape, x.action, rank,
                          _arrow(x.params_before, x.params_after), _arrow(x.flops_before, x.flops_after),
                          "" if x.error is None else f"{x.error:.2e}"])
         t = self.totals()

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
+import onnxopt
 from conftest import MODELS, cli, sha256
 
 
@@ -131,3 +132,20 @@ def test_external_data_in_and_out(work):
     r = cli("factor", work / "ext.onnx", "--rank", "1.0", "--allow-growth", "--data", work / "mlp_test.npz",
             "--max-error", "1e-4", "-o", work / "again.onnx")
     assert r.returncode == 0, r.stderr
+
+
+def test_first_kernel_compile_is_announced_once(tmp_path):
+    """A cold numba cache: one line on stderr before the ~7 s compile; a warm one: silence."""
+    import os
+    import subprocess
+    import sys
+
+    lowered = tmp_path / "low.onnx"
+    onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], output=lowered)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-m", "onnxopt", "run", str(lowered), "--data",
+                            str(MODELS / "cnn_calib.npz")], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stderr.count("compiling the bit-packed convolution kernel") == 1
+    assert "compiling" not in runs[1].stderr

@@ -262,3 +262,15 @@ def bit_conv(x, wp, alpha, bias, geometry):
     out = np.empty((n, o, oh, ow), np.float32)
     conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
     return out
+
+
+def cold_cache() -> str | None:
+    """The folder numba will write the compiled kernel to, when it has no compiled copy there yet (the first use
+    on this machine then pauses for the compile, ~7 s); None when the cache is warm or cannot be told."""
+    import os
+
+    try:  # numba's cache object is not public API: any change there only silences the notice
+        index = bit_conv._cache._cache_file._index_path
+    except AttributeError:
+        return None
+    return None if os.path.exists(index) else os.path.dirname(index)

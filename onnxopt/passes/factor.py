@@ -17,7 +17,7 @@ from ..report import LayerReport
 from . import Declined, GraphContext, Rewrite
 from . import factor_conv
 from ..select import layer_paths
-from .lowrank import FLOAT_TYPES, LowRankRule
+from .lowrank import FLOAT_TYPES, LowRankRule, large_error_warning
 
 
 def _rows(ctx: GraphContext, tensor: str) -> int:
@@ -69,9 +69,11 @@ class _DenseRule(LowRankRule):
                 b.input[0] = product
         nodes = list(pre_nodes) + nodes + list(bias_nodes)
         layer = LayerReport(name=name, op_type=node.op_type, shape=f"{m}x{n}", action="factored", rank=k,
+                            full_rank=min(m, n),
                             params_before=m * n + extra_params, params_after=k * (m + n) + extra_params,
                             flops_before=2 * m * n * rows, flops_after=2 * k * (m + n) * rows, error=f.error)
-        return Rewrite(nodes=nodes, initializers=[u, v] + list(bias_inits), layer=layer)
+        return Rewrite(nodes=nodes, initializers=[u, v] + list(bias_inits), layer=layer,
+                       warnings=large_error_warning(layer))
 
 
 def _input_mismatch(ctx: GraphContext, tensor: str, axis: int, rows: int) -> str | None:

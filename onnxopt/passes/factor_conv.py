@@ -24,7 +24,7 @@ from ..model import node_attributes as _attrs
 from ..report import LayerReport
 from ..select import layer_paths, matches
 from . import Declined, Rewrite
-from .lowrank import FLOAT_TYPES, LowRankRule
+from .lowrank import FLOAT_TYPES, LowRankRule, large_error_warning
 
 MODES = ("auto", "channel", "tucker", "spatial")
 HOOI_SWEEPS = 5
@@ -197,7 +197,7 @@ class ConvRule(LowRankRule):
             inits += i
             x = n.output[0]
         nodes[-1].output[0] = node.output[0]
-        return Rewrite(nodes=nodes, initializers=inits, layer=layer)
+        return Rewrite(nodes=nodes, initializers=inits, layer=layer, warnings=large_error_warning(layer))
 
     def _layer(self, node, ctx, w, params_after, flops_after, error, rank, mode) -> LayerReport:
         bias, rows = self.bias_size(node, ctx), self.rows(node, ctx)
@@ -224,6 +224,7 @@ class ConvRule(LowRankRule):
         second = f.v.T.reshape(o, k, 1, 1).astype(w.dtype)
         rows = self.rows(node, ctx)
         layer = self._layer(node, ctx, w, k * (m + o), 2 * k * (m + o) * rows, f.error, k, "channel")
+        layer.full_rank = min(m, o)
         return self._chain(node, ctx, [(first, attrs, "conv_k", None),
                                        (second, {"kernel_shape": [1, 1]}, "conv_1x1",
                                         self._bias(node, ctx, w.dtype))], layer)

@@ -98,3 +98,13 @@ class LowRankRule(Rule):
         if gram is not None:
             return linalg.whitened_low_rank(w, k, gram)
         return linalg.low_rank(w, k, seed=opts.seed)
+
+
+def large_error_warning(layer) -> list[str]:
+    """A warning when a factored layer keeps little of what it computed (rel.err above report.LARGE_ERROR)."""
+    from ..report import LARGE_ERROR
+
+    if layer.error is None or layer.error <= LARGE_ERROR:
+        return []
+    return [f"{layer.name}: rel.err {layer.error:.2f} at rank {layer.rank} (above {LARGE_ERROR}): the layer keeps "
+            f"little of its output; raise its rank (--rank-for) or use --budget"]

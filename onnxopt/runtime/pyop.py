@@ -32,9 +32,26 @@ def _binary_conv(x, w, alpha, bias, geometry):
 def _bit_conv(x, w_packed, alpha, bias, geometry):
     from ..kernels import bitconv
 
+    _compile_notice(bitconv)
     x4 = x[:, :, None, :] if geometry[0] == 1 else x
     out = bitconv.bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
     return out[:, :, 0, :] if geometry[0] == 1 else out
+
+
+_noticed = False
+
+
+def _compile_notice(bitconv) -> None:
+    """One line on stderr before the first compile of the kernel on this machine, so a ~7 s pause has a reason."""
+    global _noticed
+    if _noticed:
+        return
+    _noticed = True
+    folder = bitconv.cold_cache()
+    if folder is not None:
+        sys.stderr.write(f"onnxopt: compiling the bit-packed convolution kernel for this CPU (once, a few seconds; "
+                         f"cached in {folder})\n")
+        sys.stderr.flush()
 
 
 def _guarded(op_type: str, body):
