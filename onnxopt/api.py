@@ -31,10 +31,18 @@ def _source(model: Model) -> tuple[onnx.ModelProto, list]:
 
 
 def _command(command: str, model: Model, progress: Progress | None, options: dict[str, Any]):
+    from .model import INPUT_SHAPES, check_input_shapes
+
     groups = opt.parse(command, options)  # usage errors before any file is read
     source, protected = _source(model)
-    steps = pipeline.build(command, source, groups, protected=protected, progress=progress)
-    return pipeline.run(source, steps, Report(command=command))
+    shapes = groups[opt.ShapeOptions].shapes
+    check_input_shapes(source, shapes)
+    token = INPUT_SHAPES.set(shapes)
+    try:
+        steps = pipeline.build(command, source, groups, protected=protected, progress=progress)
+        return pipeline.run(source, steps, Report(command=command))
+    finally:
+        INPUT_SHAPES.reset(token)
 
 
 def factor(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
@@ -73,44 +81,22 @@ def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None 
     return pipeline.run_recipe(source, loaded, save, protected=protected, progress=progress)
 
 
-def inspect(model: Model) -> list[dict]:
-    """Every layer a rewrite pass handles (its registry), with weight shape, params, FLOPs per sample, and
-    each user-facing pass's verdict from that pass's own check."""
-    from .passes import GraphContext, binarize as binarize_pass, factor as factor_pass, op_key
+def inspect(model: Model, *, input_shape=()) -> dict:
+    """{"layers": every layer a pass's registry knows (plain, transformed, lowered, int8; If/Loop bodies
+    marked) with weight shape, params, FLOPs per sample (None where a size is unknown) and each pass's verdict,
+    "totals": the whole model's params, weight bytes, model bytes and FLOPs, "notes"}. `input_shape`: sizes for
+    symbolic inputs, as `--input-shape`."""
+    from .inspection import inspect_model
+    from .model import INPUT_SHAPES, check_input_shapes
 
     source, _ = _source(model)
-    ctx = GraphContext(source)
-    # a rule's check does not depend on its options (rank, scale): any valid options give the same verdicts
-    passes = {"factor": factor_pass.rules(opt.FactorOptions(rank="0.5")),
-              "binarize": binarize_pass.rules(opt.BinarizeOptions())}
-    rows = []
-    for node in source.graph.node:
-        key = op_key(node)
-        if not any(key in rules for rules in passes.values()):
-            continue
-        w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
-        row = {"name": ctx.name_of(node), "op_type": node.op_type,
-               "weight_shape": "x".join(map(str, w.shape)) if w is not None else "not constant",
-               "params": int(w.size) if w is not None else 0, "flops": _flops(node, w, ctx)}
-        for pass_name, rules in passes.items():
-            rule = rules.get(key)
-            reason = rule.check(node, ctx) if rule else "not handled by this pass"
-            row[pass_name] = "yes" if reason is None else f"no: {reason}"
-        rows.append(row)
-    return rows
-
-
-def _flops(node, w, ctx) -> int:
-    """Multiply-adds x2 per sample (symbolic dims count as 1)."""
-    if w is None:
-        return 0
-    if node.op_type == "Conv":
-        out = ctx.shape(node.output[0])
-        spatial = [d if isinstance(d, int) else 1 for d in (out or [])[2:]]
-        return int(2 * w.size * (np.prod(spatial) if spatial else 1))
-    shape = ctx.shape(node.input[0]) or []
-    rows = np.prod([d if isinstance(d, int) else 1 for d in shape[1:-1]]) if node.op_type == "MatMul" else 1
-    return int(2 * w.size * rows)
+    shapes = opt.ShapeOptions(input_shape=tuple(input_shape)).shapes
+    check_input_shapes(source, shapes)
+    token = INPUT_SHAPES.set(shapes)
+    try:
+        return inspect_model(source)
+    finally:
+        INPUT_SHAPES.reset(token)
 
 
 def run(model: Model, data) -> dict[str, np.ndarray]:

@@ -151,15 +151,17 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(model_path, as_json):
-    """List every Gemm, MatMul and Conv with shapes, params, FLOPs, and what onnxopt can do with it."""
+@click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,...", help="Size of a symbolic input, for FLOPs.")
+def inspect(model_path, as_json, input_shape):
+    """List every Gemm, MatMul and Conv (and transformed, lowered or int8 layers) with shapes, params, FLOPs,
+    what onnxopt can do with it, and the model's totals."""
     import json
 
     from . import api
     from .report import inspect_table
 
-    rows = api.inspect(model_path)
-    click.echo(json.dumps(rows, indent=2) if as_json else inspect_table(rows))
+    result = api.inspect(model_path, input_shape=input_shape)
+    click.echo(json.dumps(result, indent=2) if as_json else inspect_table(result))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ and opsets, and only ever adds the custom domain's opset import.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import tempfile
@@ -257,6 +258,27 @@ def static_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
     return dims
 
 
+# sizes given for graph inputs (--input-shape), {name: dims}: read by shape inference and by random inputs while
+# a command runs (pipeline.run sets them), so every step and check sees the same sizes without the model's own
+# declaration changing
+INPUT_SHAPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("input_shapes", default=None)
+
+
+def check_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """--input-shape names graph inputs, with their rank, agreeing with the dims the model fixes."""
+    inputs = {vi.name: vi for vi in model.graph.input} if shapes else {}
+    for name, dims in shapes.items():
+        vi = inputs.get(name)
+        if vi is None:
+            raise UsageError(f"--input-shape '{name}': no such graph input (inputs: {', '.join(inputs)})")
+        declared = static_shape(vi)
+        if len(declared) != len(dims):
+            raise UsageError(f"--input-shape '{name}': {len(dims)} dims given, the input has {len(declared)}")
+        for i, (d, given) in enumerate(zip(declared, dims)):
+            if isinstance(d, int) and d != given:
+                raise UsageError(f"--input-shape '{name}': dim {i} is fixed at {d} in the model, {given} given")
+
+
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph with its large initializers replaced by typed graph inputs: shape inference only needs
     their shapes, and serializing gigabytes of weights for it would dominate the run."""
@@ -268,7 +290,11 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skeleton.graph.output.extend(model.graph.output)
     # the file's own value_info is left out: it is a hint that may be stale, and inference redoes it
     listed = {i.name for i in model.graph.input}
-    skeleton.graph.input.extend(model.graph.input)
+    given = INPUT_SHAPES.get() or {}
+    for vi in model.graph.input:
+        if vi.name in given:  # --input-shape: inference and FLOPs see these sizes; the model keeps its own
+            vi = onnx.helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(given[vi.name]))
+        skeleton.graph.input.append(vi)
     for t in model.graph.initializer:
         if t.name in listed:
             continue

@@ -332,12 +332,33 @@ class QuantizeOptions:
         _check_calibration(self.calibration)
 
 
+@dataclass
+class ShapeOptions:
+    """Sizes for inputs the model leaves symbolic: shape inference, FLOPs and random check inputs use them."""
+
+    input_shape: tuple = option(help="Size of a graph input with symbolic dims, e.g. x:1,3,224,224 (repeatable).",
+                                metavar="NAME:D1,D2,...", repeat=True)
+
+    def __post_init__(self):
+        self.shapes = {}
+        for text in self.input_shape:
+            name, sep, dims = str(text).rpartition(":")
+            try:
+                values = tuple(int(d) for d in dims.split(","))
+            except ValueError:
+                values = ()
+            if not sep or not name or not values or min(values) < 1:
+                raise UsageError(f"invalid --input-shape '{text}': expected NAME:D1,D2,... with dims >= 1")
+            self.shapes[name] = values
+
+
 # the option groups of each command, in the order the CLI lists them
 COMMAND_OPTIONS: dict[str, tuple[type, ...]] = {
-    "factor": (FactorOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
-    "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, SelectOptions, CheckOptions, SaveOptions),
-    "lower": (LowerOptions, CheckOptions, SaveOptions),
-    "quantize": (QuantizeOptions, SelectOptions, CheckOptions, SaveOptions),
+    "factor": (FactorOptions, RecoverOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
+    "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, SelectOptions, CheckOptions, ShapeOptions,
+                 SaveOptions),
+    "lower": (LowerOptions, CheckOptions, ShapeOptions, SaveOptions),
+    "quantize": (QuantizeOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
 }
 
 

@@ -23,7 +23,7 @@ from . import options as opt
 from .errors import UsageError
 
 COMMANDS = ("factor", "binarize", "lower", "quantize")
-STEP_EXCLUDED = (opt.SaveOptions, opt.CheckOptions)  # apply's own options, and the [gate] table
+STEP_EXCLUDED = (opt.SaveOptions, opt.CheckOptions, opt.ShapeOptions)  # apply's own, the [gate] table's
 
 
 @dataclass

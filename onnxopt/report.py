@@ -183,12 +183,18 @@ def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
 
 
-def inspect_table(rows: list[dict]) -> str:
-    """`onnxopt inspect`'s table."""
-    head = ["layer", "op", "weight", "params", "FLOPs/sample", "factor", "binarize"]
-    table = [[r["name"], r["op_type"], r["weight_shape"], f"{r['params']:,}", f"{r['flops']:,}",
-              r["factor"], r["binarize"]] for r in rows]
-    return "\n".join(_columns(head, table))
+def inspect_table(result: dict) -> str:
+    """`onnxopt inspect`'s table: a row per layer, then the model's totals and notes."""
+    head = ["layer", "op", "weight", "stored", "params", "FLOPs/sample", "factor", "binarize"]
+    table = [[r["name"], r["op_type"], r["weight_shape"] or "-", r["stored"] or "float",
+              "-" if r["params"] is None else f"{r['params']:,}", "?" if r["flops"] is None else f"{r['flops']:,}",
+              r["factor"], r["binarize"]] for r in result["layers"]]
+    t = result["totals"]
+    lines = _columns(head, table)
+    lines.append(f"model: {t['layers']} layers, {t['params']:,} weights ({_size(t['weight_bytes'])}), file "
+                 f"{_size(t['model_bytes'])}, {t['flops']:,} FLOPs/sample"
+                 f"{' (+ unknown)' if t['flops_unknown_layers'] else ''}")
+    return "\n".join(lines + [f"note: {n}" for n in result["notes"]])
 
 
 def compare_text(result: dict, as_json: bool = False) -> str:

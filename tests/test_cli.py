@@ -117,10 +117,33 @@ def test_binarize_warns_when_reading_graph_input(work):
 
 def test_inspect(work):
     r = cli("inspect", work / "cnn.onnx", "--json")
-    rows = {x["name"]: x for x in json.loads(r.stdout)}
+    result = json.loads(r.stdout)
+    rows = {x["name"]: x for x in result["layers"]}
     assert rows["/conv2/Conv"]["binarize"] == "yes" and rows["/fc/Gemm"]["factor"] == "yes"
     assert rows["/conv2/Conv"]["params"] == 64 * 64 * 9
     assert rows["/conv2/Conv"]["flops"] == 2 * 64 * 64 * 9 * 14 * 14
+    assert result["totals"]["params"] == sum(r["params"] for r in rows.values()) + 64 + 64 + 128 + 10  # + biases
+    assert result["totals"]["flops_unknown_layers"] == 0 and not result["notes"]
+
+
+def test_inspect_lowered_int8_and_symbolic_sizes(work):
+    lowered, _ = onnxopt.binarize(work / "cnn.onnx", skip=["first_conv"])
+    quantized, _ = onnxopt.quantize(lowered, calibration=MODELS / "cnn_calib.npz")
+    rows = {r["name"]: r for r in onnxopt.inspect(quantized)["layers"]}
+    assert rows["/conv2/Conv"]["op_type"] == "BitConv" and "lowered" in rows["/conv2/Conv"]["stored"]
+    assert rows["/fc/Gemm"]["stored"] == "int8" and rows["/fc/Gemm"]["params"] == 62720
+    tokens = onnxopt.inspect(MODELS / "token_mlp.onnx")
+    assert tokens["totals"]["flops_unknown_layers"] == 0  # data propagation found the 16 tokens
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    symbolic = onnxopt.inspect(model)
+    assert symbolic["layers"][0]["flops"] is None and "give --input-shape" in symbolic["notes"][0]
+    sized = onnxopt.inspect(model, input_shape=["x:1,2,10,10"])
+    assert sized["layers"][0]["flops"] == 2 * 72 * 8 * 8 and not sized["notes"]
 
 
 def test_external_data_in_and_out(work):

@@ -114,9 +114,9 @@ def test_flops_budget_counts_output_pixels():
 
 def test_inspect_says_which_convs_can_be_factored():
     model = conv_model(4, 4, 3, 3, group=4)
-    rows = onnxopt.inspect(model)
+    rows = onnxopt.inspect(model)["layers"]
     assert rows[0]["factor"].startswith("no: grouped/depthwise")
-    rows = onnxopt.inspect(MODELS / "cnn.onnx")
+    rows = onnxopt.inspect(MODELS / "cnn.onnx")["layers"]
     assert {r["name"]: r["factor"] for r in rows}["/conv2/Conv"] == "yes"
 
 

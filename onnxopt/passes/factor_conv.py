@@ -197,7 +197,14 @@ class ConvRule(LowRankRule):
             inits += i
             x = n.output[0]
         nodes[-1].output[0] = node.output[0]
-        return Rewrite(nodes=nodes, initializers=inits, layer=layer, warnings=large_error_warning(layer))
+        unknown = [] if self._pixels_known(node, ctx) else [
+            "conv FLOPs are per output pixel where shape inference does not know the spatial size: give "
+            "--input-shape NAME:N,C,H,W"]
+        return Rewrite(nodes=nodes, initializers=inits, layer=layer, warnings=large_error_warning(layer) + unknown)
+
+    def _pixels_known(self, node, ctx) -> bool:
+        shape = ctx.shape(node.output[0]) or []
+        return len(shape) == 4 and all(isinstance(d, int) for d in shape[2:])
 
     def _layer(self, node, ctx, w, params_after, flops_after, error, rank, mode) -> LayerReport:
         bias, rows = self.bias_size(node, ctx), self.rows(node, ctx)

@@ -145,18 +145,25 @@ def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.
 
 def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float inputs; a symbolic first dim becomes `samples`, other symbolic dims need --data."""
+    from ..model import INPUT_SHAPES
+
     rng = np.random.default_rng(seed)
     feeds = {}
+    given = INPUT_SHAPES.get() or {}
     for name, vi in graph_inputs(model).items():
         tt = vi.type.tensor_type
         dims = []
+        if name in given:
+            dims = list(given[name])
+            tt = onnx.helper.make_tensor_type_proto(tt.elem_type, []).tensor_type  # no dims left to fill
         for i, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
             elif i == 0:
                 dims.append(samples)
             else:
-                raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data")
+                raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data "
+                                   f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if not np.issubdtype(dtype, np.floating):
             raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are floats only, pass --data")

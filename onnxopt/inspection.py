@@ -1,0 +1,111 @@
+"""`onnxopt inspect`: every layer the passes' registries know, what each pass can do with it, and the model's
+totals. Read from the same registries the passes use, so `inspect` and the commands cannot disagree."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from . import ops
+from . import options as opt
+from .passes import GraphContext, op_key, subgraphs
+from .passes import binarize as binarize_pass
+from .passes import factor as factor_pass
+
+INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")
+
+
+def model_weights(model: onnx.ModelProto) -> tuple[int, int]:
+    """(elements, bytes) of every constant: initializers and Constant nodes, subgraphs included."""
+    elements = nbytes = 0
+    tensors = list(model.graph.initializer)
+
+    def constants(graph):
+        for node in graph.node:
+            tensors.extend(a.t for a in node.attribute if node.op_type == "Constant" and a.type == a.TENSOR)
+            for sub in subgraphs(node):
+                tensors.extend(sub.initializer)
+                constants(sub)
+
+    constants(model.graph)
+    for t in tensors:
+        n = int(np.prod(t.dims))
+        elements += n
+        nbytes += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return elements, nbytes
+
+
+def _flops(node, w, ctx) -> int | None:
+    """Multiply-adds x2 per sample; None when a size it needs is unknown (give --input-shape)."""
+    if w is None:
+        return None
+    if node.op_type in ("Conv", ops.BIT_CONV, ops.BINARY_CONV):
+        spatial = (ctx.shape(node.output[0]) or [])[2:]
+        if not spatial or not all(isinstance(d, int) for d in spatial):
+            return None
+        return int(2 * w.size * np.prod(spatial))
+    shape = ctx.shape(node.input[0]) or []
+    if node.op_type == "MatMul":
+        inner = shape[1:-1]
+        if not all(isinstance(d, int) for d in inner):
+            return None
+        return int(2 * w.size * np.prod(inner))
+    return int(2 * w.size)
+
+
+def _weight(node, ctx):
+    """The layer's weight as stored: through a DequantizeLinear for a quantized layer (int8 in the file)."""
+    if len(node.input) < 2:
+        return None, ""
+    producer = ctx.producers.get(node.input[1])
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return ctx.constant(producer.input[0]), "int8 (QDQ)"
+    return ctx.constant(node.input[1]), ""
+
+
+def inspect_model(source: onnx.ModelProto) -> dict:
+    ctx = GraphContext(source)
+    # a rule's check does not depend on its options (rank, scale): any valid options give the same verdicts
+    passes = {"factor": factor_pass.rules(opt.FactorOptions(rank="0.5")),
+              "binarize": binarize_pass.rules(opt.BinarizeOptions())}
+    layers = []
+    for node in source.graph.node:
+        key = op_key(node)
+        custom = ops.is_custom(node)
+        if not (custom or node.op_type in INT8_OPS or any(key in rules for rules in passes.values())):
+            continue
+        w, stored = _weight(node, ctx)
+        row = {"name": ctx.name_of(node), "op_type": node.op_type,
+               "weight_shape": "x".join(map(str, w.shape)) if w is not None else None,
+               "params": int(w.size) if w is not None else None, "flops": _flops(node, w, ctx), "stored": stored}
+        for pass_name, rules in passes.items():
+            rule = rules.get(key)
+            reason = rule.check(node, ctx) if rule else "not handled by this pass"
+            row[pass_name] = "yes" if reason is None else f"no: {reason}"
+        if custom or node.op_type in INT8_OPS or stored:
+            done = "1-bit, lowered (BitConv)" if node.op_type == ops.BIT_CONV else \
+                "1-bit, trainable (BinaryConv)" if node.op_type == ops.BINARY_CONV else "int8"
+            row.update(factor=f"no: already {done}", binarize=f"no: already {done}", stored=done)
+        layers.append(row)
+    layers += _subgraph_layers(source, passes)
+    elements, nbytes = model_weights(source)
+    unknown = sum(r["flops"] is None and r["params"] is not None for r in layers)
+    return {"layers": layers,
+            "totals": {"layers": len(layers), "params": elements, "weight_bytes": nbytes,
+                       "model_bytes": source.ByteSize(),
+                       "flops": sum(r["flops"] or 0 for r in layers), "flops_unknown_layers": unknown},
+            "notes": ([f"FLOPs of {unknown} layers are unknown (symbolic sizes): give --input-shape "
+                       "NAME:D1,D2,..."] if unknown else [])}
+
+
+def _subgraph_layers(source, passes) -> list[dict]:
+    """Layers inside If/Loop/Scan bodies: listed, marked, never rewritten."""
+    rows = []
+    for node in source.graph.node:
+        for sub in subgraphs(node):
+            for inner in sub.node:
+                if any(op_key(inner) in rules for rules in passes.values()):
+                    where = f"no: inside the body of {node.op_type} '{node.name}'"
+                    rows.append({"name": inner.name or inner.op_type, "op_type": inner.op_type,
+                                 "weight_shape": None, "params": None, "flops": None,
+                                 "stored": f"in {node.op_type} body", "factor": where, "binarize": where})
+    return rows
