@@ -6,7 +6,9 @@ whole model's weights does it remove, and how far do the outputs move (random we
 - any .onnx given with --model (e.g. PaddleOCR det/rec/cls from the `rapidocr-onnxruntime` wheel, the YOLOv8n
   detector `320n.onnx` from the `nudenet` wheel: `pip download --no-deps`, then unzip).
 
-    python benchmarks/real_models.py [--model PATH ...] [--rank 0.5] [--skip-torch]
+    python benchmarks/real_models.py [--model PATH[@NAME:D1,D2,...] ...] [--rank 0.5] [--skip-torch]
+
+(`@NAME:dims` gives a symbolic input its size, as `--input-shape`: PaddleOCR's det takes `@x:1,3,320,320`.)
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import api
+from onnxopt.model import INPUT_SHAPES
+from onnxopt.options import ShapeOptions
 from onnxopt.runtime import random_feeds, run
 
 
@@ -94,15 +98,22 @@ def main():
         return
     with tempfile.TemporaryDirectory() as tmp:
         paths = [] if args.skip_torch else resnet18_exports(Path(tmp))
-        paths += [Path(p) for p in args.model]
+        shapes = {}
+        for spec in args.model:
+            path, _, shape = spec.partition("@")
+            paths.append(Path(path))
+            shapes[Path(path)] = [shape] if shape else []
         print(f"| model | weights before | after `--rank {args.rank}` | convs factored (channel/tucker/spatial) | "
               "dense factored | left alone | valid, runs | max rel output diff |")
         print("|---|---|---|---|---|---|---|---|")
         for path in paths:
             source = api._source(str(path))[0]
-            new, report = api.factor(source, rank=args.rank)
+            given = shapes.get(path, [])
+            new, report = api.factor(source, rank=args.rank, input_shape=given)
             onnx.checker.check_model(new)
+            token = INPUT_SHAPES.set(ShapeOptions(input_shape=tuple(given)).shapes)
             feeds = random_feeds(source, 1)
+            INPUT_SHAPES.reset(token)
             a, b = run(source, feeds), run(new, feeds)
             rel = max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(a[k])), 1e-12)) for k in a)
             modes = [x.action for x in report.changed if x.op_type == "Conv"]

@@ -215,7 +215,11 @@ class Check:
     def __call__(self, model, report):
         from . import runtime
 
-        report.size = {"before": self.source.ByteSize(), "after": model.ByteSize()}
+        from .inspection import model_weights
+
+        (w0, b0), (w1, b1) = model_weights(self.source), model_weights(model)
+        report.size = {"before": self.source.ByteSize(), "after": model.ByteSize(), "weights_before": w0,
+                       "weights_after": w1, "weight_bytes_before": b0, "weight_bytes_after": b1}
         c = self.check
         if not (c.wanted or c.min_speedup is not None):
             return model, report

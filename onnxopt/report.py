@@ -36,7 +36,7 @@ class Report:
 
     steps: list[str] = field(default_factory=list)  # the pipeline steps that ran, in order
     budget: dict | None = None  # factor --budget: the allocation (budget.Allocation.to_dict) and any search
-    size: dict | None = None  # serialized model bytes {"before", "after"}
+    size: dict | None = None  # the whole model: serialized bytes {"before", "after"}, weights and their bytes
     latency: dict | None = None  # --min-speedup: measure.alternating_latency (a = input model, b = output)
     recipe: dict | None = None  # apply: {"path", "steps": [a summary row per command]}
     patterns: list | None = None  # [{"flag", "pattern", "layers": [names matched]}]
@@ -70,7 +70,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"command": self.command, "steps": self.steps, "output": self.output,
-                "layers": [asdict(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
+                "layers": [_applicable(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
                 "check": self.check, "budget": self.budget, "size": self.size, "latency": self.latency,
                 "recipe": self.recipe, "patterns": self.patterns}
 
@@ -91,7 +91,8 @@ class Report:
         t = self.totals()
         rows.append(["total", "", "", f"{t['layers_changed']} changed", "",
                      _arrow(t["params_before"], t["params_after"]), _arrow(t["flops_before"], t["flops_after"]), ""])
-        lines = _columns(head, rows)
+        keep = [i for i in range(len(head)) if i < 4 or any(r[i] for r in rows)]  # only columns that apply
+        lines = _columns([head[i] for i in keep], [[r[i] for i in keep] for r in rows])
         for m in self.patterns or []:
             shown = ", ".join(m["layers"][:4]) + (f", … ({len(m['layers'])} in all)" if len(m["layers"]) > 4 else "")
             lines.append(f"{m['flag']} '{m['pattern']}' matched {len(m['layers'])} layer"
@@ -104,8 +105,10 @@ class Report:
         if self.check:
             lines.append(format_check(self.check))
         if self.size:
-            lines.append(f"model size: {_size(self.size['before'])} -> {_size(self.size['after'])} "
-                         f"({self.size['after'] / max(self.size['before'], 1):.1%})")
+            z = self.size
+            lines.append(f"whole model: {z['weights_before']:,} -> {z['weights_after']:,} weights "
+                         f"({z['weights_after'] / max(z['weights_before'], 1):.1%}); model size: {_size(z['before'])} "
+                         f"-> {_size(z['after'])} ({z['after'] / max(z['before'], 1):.1%})")
         if self.latency:
             lines.append(format_latency(self.latency))
         return "\n".join(lines)
@@ -114,6 +117,18 @@ class Report:
         """The table (with a recipe's steps first), and where the result was written."""
         steps = recipe_lines(self.recipe) if self.recipe else []
         return "\n".join(steps + [self.table()]) + (f"\nwrote {self.output}" if self.output else "")
+
+
+def _applicable(layer: LayerReport) -> dict:
+    """A layer as JSON, with null for what does not apply to it (sizes of a skipped layer, FLOPs or bytes a
+    pass did not count) rather than a 0 that reads as a measurement."""
+    row = asdict(layer)
+    skipped = layer.action == "skipped"
+    for before, after in (("params_before", "params_after"), ("flops_before", "flops_after"),
+                          ("bytes_before", "bytes_after")):
+        if skipped or not row[before]:
+            row[before] = row[after] = None
+    return row
 
 
 def format_check(check: dict) -> str:
