@@ -115,7 +115,7 @@ def _rewrite_command(command: str, suffix: str, help: str):
 _rewrite_command("factor", "factored", "Replace Gemm and MatMul(X, constant W) by two low-rank MatMuls, "
                                        "W (m x n) ~ U (m x k) . V (k x n), and Conv by two or three smaller "
                                        "convs. The report's rel.err is ||W - UV||F / ||W||F (with --calibration: "
-                                       "||X(W - UV)||F / ||XW||F on the calibration inputs); above 0.5 it warns.")
+                                       "||X(W - UV)||F / ||XW||F on the calibration inputs); above 0.8 it warns.")
 _rewrite_command("binarize", "binarized", "Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, "
                                           "b(v) = +1 if v > 0 else -1.")
 _rewrite_command("lower", "lowered", "Replace trainable BinaryConv ops by the native bit-packed BitConv "

@@ -38,7 +38,9 @@ def _flops(node, w, ctx) -> int | None:
     """Multiply-adds x2 per sample; None when a size it needs is unknown (give --input-shape)."""
     if w is None:
         return None
-    if node.op_type in ("Conv", ops.BIT_CONV, ops.BINARY_CONV):
+    if ops.is_custom(node):  # 1-bit layers do XNOR/popcount, not float multiply-adds
+        return 0
+    if node.op_type == "Conv":
         spatial = (ctx.shape(node.output[0]) or [])[2:]
         if not spatial or not all(isinstance(d, int) for d in spatial):
             return None
@@ -60,6 +62,12 @@ def _weight(node, ctx):
     if producer is not None and producer.op_type == "DequantizeLinear":
         return ctx.constant(producer.input[0]), "int8 (QDQ)"
     return ctx.constant(node.input[1]), ""
+
+
+def model_flops(model: onnx.ModelProto) -> tuple[int, int]:
+    """(float FLOPs per sample of the Conv/Gemm/MatMul layers whose sizes are known, layers whose sizes are not)."""
+    totals = inspect_model(model)["totals"]
+    return totals["flops"], totals["flops_unknown_layers"]
 
 
 def inspect_model(source: onnx.ModelProto) -> dict:

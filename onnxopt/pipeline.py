@@ -215,11 +215,13 @@ class Check:
     def __call__(self, model, report):
         from . import runtime
 
-        from .inspection import model_weights
+        from .inspection import model_flops, model_weights
 
         (w0, b0), (w1, b1) = model_weights(self.source), model_weights(model)
+        (f0, u0), (f1, u1) = model_flops(self.source), model_flops(model)
         report.size = {"before": self.source.ByteSize(), "after": model.ByteSize(), "weights_before": w0,
-                       "weights_after": w1, "weight_bytes_before": b0, "weight_bytes_after": b1}
+                       "weights_after": w1, "weight_bytes_before": b0, "weight_bytes_after": b1,
+                       "flops_before": f0, "flops_after": f1, "flops_unknown_layers": max(u0, u1)}
         c = self.check
         if not (c.wanted or c.min_speedup is not None):
             return model, report
