@@ -85,6 +85,42 @@ def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: in
     return paths
 
 
+def tiny_bert_export(folder: Path) -> Path:
+    """A BERT-shaped encoder (token, position and type embeddings, 2 post-norm layers with GELU FFNs, a pooler and
+    a 2-class head), hidden 128, vocab 1,000, exported by the dynamo exporter with a dynamic sequence length:
+    int64 input_ids / attention_mask, the case where random check inputs and FLOPs need --input-shape."""
+    import torch
+    from torch import nn
+
+    class TinyBert(nn.Module):
+        def __init__(self, vocab=1000, hidden=128, heads=4, layers=2, positions=64):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(vocab, hidden)
+            self.position_embeddings = nn.Embedding(positions, hidden)
+            self.norm = nn.LayerNorm(hidden)
+            layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, activation="gelu", batch_first=True,
+                                               dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.pooler = nn.Linear(hidden, hidden)
+            self.classifier = nn.Linear(hidden, 2)
+
+        def forward(self, input_ids, attention_mask):
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            x = self.norm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+            x = self.encoder(x, src_key_padding_mask=attention_mask == 0)
+            return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+    torch.manual_seed(0)
+    model = TinyBert().eval()
+    ids, mask = torch.ones(1, 16, dtype=torch.int64), torch.ones(1, 16, dtype=torch.int64)
+    path = folder / "tiny_bert_dynamo.onnx"
+    seq = torch.export.Dim("seq", min=2, max=64)
+    torch.onnx.export(model, (ids, mask), str(path), dynamo=True, external_data=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes=({1: seq}, {1: seq}))
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="*", default=[])
@@ -97,12 +133,12 @@ def main():
             path.rename(path.with_name(path.name.replace("resnet18", "resnet18_tiny")))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [] if args.skip_torch else resnet18_exports(Path(tmp))
-        shapes = {}
+        paths = [] if args.skip_torch else resnet18_exports(Path(tmp)) + [tiny_bert_export(Path(tmp))]
+        shapes = {paths[-1]: ["input_ids:1,16", "attention_mask:1,16"]} if paths else {}
         for spec in args.model:
-            path, _, shape = spec.partition("@")
+            path, _, shape = spec.partition("@")  # PATH@NAME:dims[@NAME:dims...]
             paths.append(Path(path))
-            shapes[Path(path)] = [shape] if shape else []
+            shapes[Path(path)] = shape.split("@") if shape else []
         print(f"| model | weights before | after `--rank {args.rank}` | convs factored (channel/tucker/spatial) | "
               "dense factored | left alone | valid, runs | max rel output diff |")
         print("|---|---|---|---|---|---|---|---|")

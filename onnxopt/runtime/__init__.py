@@ -144,7 +144,9 @@ def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.
 
 
 def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float inputs; a symbolic first dim becomes `samples`, other symbolic dims need --data."""
+    """Random float inputs, and ones for integer inputs (token ids and masks: 1 is a valid id for any embedding
+    table of two rows or more, and a mask of ones attends everywhere); a symbolic first dim becomes `samples`,
+    other symbolic dims need --input-shape or --data."""
     from ..model import INPUT_SHAPES
 
     rng = np.random.default_rng(seed)
@@ -165,9 +167,12 @@ def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> dict[st
                 raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data "
                                    f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if not np.issubdtype(dtype, np.floating):
-            raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are floats only, pass --data")
-        feeds[name] = rng.standard_normal(dims).astype(dtype)
+        if np.issubdtype(dtype, np.integer):
+            feeds[name] = np.ones(dims, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are numbers only, pass --data")
     return feeds
 
 
