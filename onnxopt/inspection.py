@@ -54,6 +54,13 @@ def _flops(node, w, ctx) -> int | None:
     return int(2 * w.size)
 
 
+def _conv_modes(node, w) -> list[str]:
+    """The factor_conv modes that apply to this conv (spatial needs a kernel above 1x1 and explicit pads)."""
+    auto_pad = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+    spatial = w.shape[2] * w.shape[3] > 1 and auto_pad in (b"NOTSET", b"")
+    return ["channel", "tucker"] + (["spatial"] if spatial else [])
+
+
 def _weight(node, ctx):
     """The layer's weight as stored: through a DequantizeLinear for a quantized layer (int8 in the file)."""
     if len(node.input) < 2:
@@ -89,6 +96,8 @@ def inspect_model(source: onnx.ModelProto) -> dict:
             rule = rules.get(key)
             reason = rule.check(node, ctx) if rule else "not handled by this pass"
             row[pass_name] = "yes" if reason is None else f"no: {reason}"
+        if node.op_type == "Conv" and row["factor"] == "yes" and w is not None:
+            row["factor"] = f"yes: {'/'.join(_conv_modes(node, w))}"
         if custom or node.op_type in INT8_OPS or stored:
             done = "1-bit, lowered (BitConv)" if node.op_type == ops.BIT_CONV else \
                 "1-bit, trainable (BinaryConv)" if node.op_type == ops.BINARY_CONV else "int8"
