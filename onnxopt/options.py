@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from . import linalg
-from .budget import BudgetSpec
 from .errors import UsageError
 from .select import Selection
 
@@ -151,6 +149,9 @@ class FactorOptions:
     seed: int = option(0, "Seed of the randomized SVD.", cli=False)
 
     def __post_init__(self):
+        from . import linalg  # numpy: imported when a command runs, not for `onnxopt --help`
+        from .budget import BudgetSpec
+
         if (self.rank is None and self.energy is None and self.projection_fn is None and not self.rank_for
                 and self.budget is None):
             raise UsageError("give a rank: --rank 0.6, --rank 32, --energy 0.95, --budget params=0.5 or "

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import onnx
+if TYPE_CHECKING:  # annotations only: `onnxopt --help` should not pay for importing onnx
+    import onnx
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 

@@ -227,3 +227,12 @@ def test_no_function_over_sixty_lines():
 if __name__ == "__main__":  # the import graph, for the closing note
     for module, targets in sorted(import_graph().items()):
         print(f"{module} -> {', '.join(sorted(targets)) or '-'}")
+
+
+def test_the_cli_imports_neither_numpy_nor_onnx_before_a_command_runs():
+    """`onnxopt --help` in 0.1 s instead of 0.3 s: heavy imports happen where a command needs them."""
+    import subprocess
+
+    code = "import sys, onnxopt.cli; print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
