@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import api
-from onnxopt.model import INPUT_SHAPES
+from onnxopt.model import input_shapes
 from onnxopt.options import ShapeOptions
 from onnxopt.runtime import random_feeds, run
 
@@ -147,9 +147,8 @@ def main():
             given = shapes.get(path, [])
             new, report = api.factor(source, rank=args.rank, input_shape=given)
             onnx.checker.check_model(new)
-            token = INPUT_SHAPES.set(ShapeOptions(input_shape=tuple(given)).shapes)
-            feeds = random_feeds(source, 1)
-            INPUT_SHAPES.reset(token)
+            with input_shapes(source, ShapeOptions(input_shape=tuple(given)).shapes):
+                feeds = random_feeds(source, 1)
             a, b = run(source, feeds), run(new, feeds)
             rel = max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(a[k])), 1e-12)) for k in a)
             modes = [x.action for x in report.changed if x.op_type == "Conv"]

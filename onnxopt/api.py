@@ -31,18 +31,13 @@ def _source(model: Model) -> tuple[onnx.ModelProto, list]:
 
 
 def _command(command: str, model: Model, progress: Progress | None, options: dict[str, Any]):
-    from .model import INPUT_SHAPES, check_input_shapes
+    from .model import input_shapes
 
     groups = opt.parse(command, options)  # usage errors before any file is read
     source, protected = _source(model)
-    shapes = groups[opt.ShapeOptions].shapes
-    check_input_shapes(source, shapes)
-    token = INPUT_SHAPES.set(shapes)
-    try:
+    with input_shapes(source, groups[opt.ShapeOptions].shapes):
         steps = pipeline.build(command, source, groups, protected=protected, progress=progress)
         return pipeline.run(source, steps, Report(command=command))
-    finally:
-        INPUT_SHAPES.reset(token)
 
 
 def factor(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
@@ -87,16 +82,11 @@ def inspect(model: Model, *, input_shape=()) -> dict:
     "totals": the whole model's params, weight bytes, model bytes and FLOPs, "notes"}. `input_shape`: sizes for
     symbolic inputs, as `--input-shape`."""
     from .inspection import inspect_model
-    from .model import INPUT_SHAPES, check_input_shapes
+    from .model import input_shapes
 
     source, _ = _source(model)
-    shapes = opt.ShapeOptions(input_shape=tuple(input_shape)).shapes
-    check_input_shapes(source, shapes)
-    token = INPUT_SHAPES.set(shapes)
-    try:
+    with input_shapes(source, opt.ShapeOptions(input_shape=tuple(input_shape)).shapes):
         return inspect_model(source)
-    finally:
-        INPUT_SHAPES.reset(token)
 
 
 def run(model: Model, data) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ and opsets, and only ever adds the custom domain's opset import.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import shutil
@@ -262,6 +263,18 @@ def static_shape(value_info: onnx.ValueInfoProto) -> list[int | str | None]:
 # a command runs (pipeline.run sets them), so every step and check sees the same sizes without the model's own
 # declaration changing
 INPUT_SHAPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("input_shapes", default=None)
+
+
+@contextlib.contextmanager
+def input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
+    """--input-shape for the duration of a command: checked against `model`, then seen by shape inference and
+    random inputs."""
+    check_input_shapes(model, shapes)
+    token = INPUT_SHAPES.set(shapes)
+    try:
+        yield
+    finally:
+        INPUT_SHAPES.reset(token)
 
 
 def check_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:

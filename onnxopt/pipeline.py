@@ -60,20 +60,27 @@ def _close(m: dict, layers) -> str:
     return f" (close: {', '.join(close)})" if close else ""
 
 
-def _whitening(model, options: opt.FactorOptions, recover: opt.RecoverOptions) -> dict | None:
-    """Gram matrices of the dense layers' inputs on the calibration data, if any was given."""
+def _whitening(model, options: opt.FactorOptions, recover: opt.RecoverOptions,
+               select: opt.SelectOptions | None) -> dict | None:
+    """Gram matrices of the inputs of the layers factor will take (selected, accepted by their rule), on the
+    calibration data, if any was given: a conv's Gram is of its im2col'd patches, too costly to make for
+    layers that are skipped or cannot be factored (and one without a constant weight has no kernel size)."""
     if recover.calibration is None:
         return None
-    from .passes import factor
+    from .passes import GraphContext, factor, op_key
     from .train.calibrate import dense_grams, load_calibration
 
-    return dense_grams(model, load_calibration(recover.calibration, model), factor.rules(options))
+    rules, ctx = factor.rules(options), GraphContext(model)
+    selection = (select or opt.SelectOptions()).selection()
+    wanted = {ctx.name_of(n) for n in model.graph.node if op_key(n) in rules
+              and not (selection.decline_reason(n, ctx.name_of(n)) or rules[op_key(n)].check(n, ctx))}
+    return dense_grams(model, load_calibration(recover.calibration, model), rules, wanted)
 
 
-def factor_rules(options: opt.FactorOptions, recover: opt.RecoverOptions) -> Callable:
+def factor_rules(options: opt.FactorOptions, recover: opt.RecoverOptions, select: opt.SelectOptions | None):
     from .passes import factor
 
-    return lambda model: factor.rules(options, _whitening(model, options, recover))
+    return lambda model: factor.rules(options, _whitening(model, options, recover, select))
 
 
 @dataclass(kw_only=True)
@@ -107,7 +114,7 @@ class Budgeted(_ScoringStep):
         from . import budget
         from .passes import factor
 
-        spec, whitening = self.options.budget_spec, _whitening(model, self.options, self.recover)
+        spec, whitening = self.options.budget_spec, _whitening(model, self.options, self.recover, self.select)
         layers, spectra = budget.collect(model, factor.rules(self.options), self.select.selection(), whitening)
         patterns = self.options.patterns
 
@@ -214,7 +221,6 @@ class Check:
 
     def __call__(self, model, report):
         from . import runtime
-
         from .inspection import model_flops, model_weights
 
         (w0, b0), (w1, b1) = model_weights(self.source), model_weights(model)
@@ -229,21 +235,20 @@ class Check:
             feeds = runtime.feeds_from(c.data, self.source)
         else:
             feeds = runtime.random_feeds(self.source, c.check or 8)
-        if c.wanted:
-            report.check = runtime.compare_outputs(self.source, model, feeds)
+        if c.wanted:  # each model runs once: the differences and the score read the same outputs
+            before, after = runtime.run(self.source, feeds, optimize=False), runtime.run(model, feeds, optimize=False)
+            report.check = runtime.difference_report(before, after, feeds)
         if c.data is not None:
             from .runtime.measure import Scorer, require_scores
 
-            scorer = Scorer(self.source, c.data, c.labels)
+            scorer = Scorer(self.source, c.data, c.labels, feeds=feeds, outputs=before)
             if c.max_drop is not None:
                 require_scores(scorer)
-            report.check["score"] = scorer.drop(model)
+            report.check["score"] = scorer.drop_of(after)
         if c.min_speedup is not None:
             from .runtime.measure import alternating_latency
 
-            names = set(runtime.graph_inputs(self.source))
-            report.latency = alternating_latency(self.source, model, {k: v[:8] for k, v in feeds.items()
-                                                                      if k in names})
+            report.latency = alternating_latency(self.source, model, {k: v[:8] for k, v in feeds.items()})
         report.steps.append(self.name)
         return model, report
 
@@ -336,7 +341,8 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
     select = groups.get(opt.SelectOptions)
     if command == "factor":
         options = groups[opt.FactorOptions]
-        steps: list[Step] = [Pass("factor", factor_rules(options, recover), select, progress, options.patterns)]
+        rules = factor_rules(options, recover, select)
+        steps: list[Step] = [Pass("factor", rules, select, progress, options.patterns)]
         if options.budget_spec is not None:
             steps = [Budgeted(options=options, recover=recover, select=select or opt.SelectOptions(),
                               check=groups[opt.CheckOptions], progress=progress, reference=reference)]

@@ -11,6 +11,7 @@ path or a prefix of it at a '.' from the root (`layer1` matches all of layer1, `
 """
 from __future__ import annotations
 
+import ast
 import fnmatch
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -23,8 +24,6 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 def _module_of_scopes(text: str) -> str | None:
     """The module of a dynamo node: its scopes are module paths from the root (''), then the op's own name."""
-    import ast
-
     try:
         scopes = ast.literal_eval(text)
     except (ValueError, SyntaxError):

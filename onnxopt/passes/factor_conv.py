@@ -26,7 +26,6 @@ from ..select import layer_paths, matches
 from . import Declined, Rewrite
 from .lowrank import FLOAT_TYPES, LowRankRule, large_error_warning
 
-MODES = ("auto", "channel", "tucker", "spatial")
 HOOI_SWEEPS = 5
 # auto leaves a conv dense when its factored form keeps more than this share of the FLOPs: measured in
 # onnxruntime (benchmarks/factor_conv.py), factored 3x3 convs run at 0.65–1.0x of their FLOP ratio, so a form
@@ -96,11 +95,14 @@ class ConvRule(LowRankRule):
         return int(b.size) if b is not None else 0
 
     def rows(self, node, ctx):
-        """Output pixels per sample (1 when shape inference does not know them: FLOPs then per pixel)."""
-        shape = ctx.shape(node.output[0]) or []
-        spatial = shape[2:]
+        """Output pixels per sample (1 when shape inference does not know them: FLOPs then per pixel, and the
+        rewrite warns)."""
+        return self._pixels(node, ctx) or 1
+
+    def _pixels(self, node, ctx) -> int | None:
+        spatial = (ctx.shape(node.output[0]) or [])[2:]
         if len(spatial) != 2 or not all(isinstance(d, int) for d in spatial):
-            return 1
+            return None
         return int(np.prod(spatial))
 
     def calibration_gram(self, node, x, constant):
@@ -197,14 +199,10 @@ class ConvRule(LowRankRule):
             inits += i
             x = n.output[0]
         nodes[-1].output[0] = node.output[0]
-        unknown = [] if self._pixels_known(node, ctx) else [
+        unknown = [] if self._pixels(node, ctx) else [
             "conv FLOPs are per output pixel where shape inference does not know the spatial size: give "
             "--input-shape NAME:N,C,H,W"]
         return Rewrite(nodes=nodes, initializers=inits, layer=layer, warnings=large_error_warning(layer) + unknown)
-
-    def _pixels_known(self, node, ctx) -> bool:
-        shape = ctx.shape(node.output[0]) or []
-        return len(shape) == 4 and all(isinstance(d, int) for d in shape[2:])
 
     def _layer(self, node, ctx, w, params_after, flops_after, error, rank, mode) -> LayerReport:
         bias, rows = self.bias_size(node, ctx), self.rows(node, ctx)

@@ -179,16 +179,17 @@ def quantized_layers(model: onnx.ModelProto) -> set[str]:
 
 
 def candidate_layers(model: onnx.ModelProto, dynamic: bool) -> list[tuple[str, tuple[str, ...]]]:
-    return [(n.name, layer_paths(n)) for n in model.graph.node if op_key(n) in rules(dynamic)]
+    registry = rules(dynamic)
+    return [(n.name, layer_paths(n)) for n in model.graph.node if op_key(n) in registry]
 
 
 def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
     """The layers int8 may take (selected and accepted by the rules), and a report with a row per layer."""
     ctx = GraphContext(model)
     report = Report(command="quantize")
-    chosen = []
+    chosen, registry = [], rules(dynamic)
     for node in model.graph.node:
-        rule = rules(dynamic).get(op_key(node))
+        rule = registry.get(op_key(node))
         if rule is None:
             continue
         reason = selection.decline_reason(node, node.name) or rule.check(node, ctx)

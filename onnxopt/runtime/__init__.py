@@ -189,10 +189,13 @@ def run(model, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> dict[s
 
 def compare_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict:
     """Both models in onnxruntime, graph optimizations off: max abs / rel difference per output."""
-    a = run(reference, feeds, optimize=False)
-    b = run(candidate, feeds, optimize=False)
+    return difference_report(run(reference, feeds, optimize=False), run(candidate, feeds, optimize=False), feeds)
+
+
+def difference_report(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], feeds) -> dict:
+    """{"samples", "outputs": per output max abs/rel difference, "max_rel"} of two models' outputs on `feeds`."""
     samples = len(next(iter(feeds.values()))) if feeds else 0
-    outputs = output_differences(a, b)
+    outputs = output_differences(reference, candidate)
     return {"samples": samples, "outputs": outputs,
             "max_rel": max((v["max_rel"] for v in outputs.values()), default=0.0)}
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxoptError, UsageError
-from . import feeds_from, graph_inputs, load_feeds, output_differences, run, session
+from . import feeds_from, output_differences, run, session
 
 LABEL_KEYS = ("label", "labels")
 
@@ -21,30 +21,27 @@ LABEL_KEYS = ("label", "labels")
 def _labels(data, key: str | None) -> np.ndarray | None:
     """The label array of `data` (.npz path or dict): `key`, else 'label'/'labels' if present, else None."""
     if isinstance(data, dict):
-        names = list(data)
-    else:
-        with np.load(data, allow_pickle=False) as d:
-            names = list(d.files)
+        return _pick_labels(list(data), lambda name: np.asarray(data[name]), key, "data")
+    with np.load(data, allow_pickle=False) as d:  # one open; members load lazily, so only the labels are read
+        return _pick_labels(list(d.files), lambda name: d[name], key, str(data))
+
+
+def _pick_labels(names: list[str], read, key: str | None, where: str) -> np.ndarray | None:
     if key is not None and key not in names:
-        where = "data" if isinstance(data, dict) else str(data)
         raise OnnxoptError(f"{where}: no array '{key}' for --labels (has: {', '.join(names)})")
     found = key or next((k for k in LABEL_KEYS if k in names), None)
-    if found is None:
-        return None
-    if isinstance(data, dict):
-        return np.asarray(data[found])
-    with np.load(data, allow_pickle=False) as d:
-        return d[found]
+    return None if found is None else read(found)
 
 
 class Scorer:
-    """The input model's predictions on `data`, computed once; `drop(model)` scores candidates against them."""
+    """The input model's outputs on `data`, computed once; `drop(model)` scores candidates against them."""
 
-    def __init__(self, reference: onnx.ModelProto, data, labels: str | None = None):
-        feeds = feeds_from(data, reference)
-        self.feeds = {k: v for k, v in feeds.items() if k in graph_inputs(reference)}
+    def __init__(self, reference: onnx.ModelProto, data, labels: str | None = None, *, feeds=None, outputs=None):
+        """`feeds`, `outputs`: the data's inputs and the reference's outputs on them, when already at hand."""
+        self.feeds = feeds if feeds is not None else feeds_from(data, reference)
         self.labels = _labels(data, labels)
-        first = next(iter(run(reference, self.feeds).values()))
+        self.outputs = outputs if outputs is not None else run(reference, self.feeds)
+        first = next(iter(self.outputs.values()))
         samples = len(next(iter(self.feeds.values())))
         if first.ndim != 2 or first.shape[1] < 2:
             self.metric = None  # not class scores: neither accuracy nor agreement means anything
@@ -65,9 +62,13 @@ class Scorer:
 
     def drop(self, model: onnx.ModelProto) -> dict | None:
         """{"metric", "reference", "candidate", "drop"}, or None when the outputs are not class scores."""
+        return self.drop_of(run(model, self.feeds)) if self.metric is not None else None
+
+    def drop_of(self, outputs: dict[str, np.ndarray]) -> dict | None:
+        """The same, for a candidate's outputs already computed on `self.feeds`."""
         if self.metric is None:
             return None
-        candidate = self._score(next(iter(run(model, self.feeds).values())).argmax(1))
+        candidate = self._score(next(iter(outputs.values())).argmax(1))
         return {"metric": self.metric, "samples": len(self.predictions), "reference": self.reference,
                 "candidate": candidate, "drop": self.reference - candidate}
 
@@ -105,19 +106,20 @@ def alternating_latency(a, b, feeds: dict[str, np.ndarray], *, rounds: int = 7, 
 
 def compare_models(a: onnx.ModelProto, b: onnx.ModelProto, data_path, *, labels: str | None = None) -> dict:
     """A vs B on the inputs in `data_path`: accuracy (with labels), top-1 agreement (class-score outputs only),
-    output differences, and latency timed in alternating blocks (measure.alternating_latency)."""
-    feeds = load_feeds(data_path, a)
-    scorer = Scorer(a, data_path, labels)
+    output differences, and latency timed in alternating blocks (measure.alternating_latency). Each model runs
+    once on the data besides the timing."""
+    feeds = feeds_from(data_path, a)
     outs = {}
     for tag, model in (("A", a), ("B", b)):
         try:
             outs[tag] = run(model, feeds)
         except OnnxoptError as exc:
             raise OnnxoptError(f"{tag}: {exc}") from None
-    latency = alternating_latency(a, b, feeds)
+    scorer = Scorer(a, data_path, labels, feeds=feeds, outputs=outs["A"])
+    latency = alternating_latency(a, b, scorer.feeds)
     classes = scorer.metric is not None
-    score = scorer.drop(b) if classes else None
-    result = {"samples": len(next(iter(feeds.values()))), "latency": latency}
+    score = scorer.drop_of(outs["B"])
+    result = {"samples": len(next(iter(scorer.feeds.values()))), "latency": latency}
     for tag, ms in (("A", latency["a_ms"]), ("B", latency["b_ms"])):
         acc = None
         if score and score["metric"] == "accuracy":

@@ -57,14 +57,16 @@ def activations(model: onnx.ModelProto, feeds, names: list[str]) -> Iterator[dic
         yield dict(zip(names, sess.run(names, batch)))
 
 
-def dense_grams(model: onnx.ModelProto, feeds, rules: Rules) -> dict[str, np.ndarray]:
-    """{layer name: XᵀX} for the layers `rules` (factor's) take, each rule naming the input it needs
+def dense_grams(model: onnx.ModelProto, feeds, rules: Rules,
+                wanted: set[str] | None = None) -> dict[str, np.ndarray]:
+    """{layer name: XᵀX} for the layers `rules` (factor's) take (those named in `wanted`, if given), each rule
+    naming the input it needs
     (`calibration_input(node)`) and the Gram matrix of one batch of it (`calibration_gram`: of a conv's
     patches, for a conv); accumulated batch by batch."""
     layers = {}
     for node, name in zip(model.graph.node, unique_node_names(model.graph)):
         rule = rules.get(op_key(node))
-        if rule is not None and hasattr(rule, "calibration_input"):
+        if rule is not None and hasattr(rule, "calibration_input") and (wanted is None or name in wanted):
             layers[name] = (rule.calibration_input(node), rule, node)
     tensors = sorted({t for t, _, _ in layers.values()})
     constants = Constants(model.graph)
