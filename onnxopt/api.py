@@ -64,6 +64,23 @@ def quantize(model: Model, *, progress: Progress | None = None, **options) -> tu
     return _command("quantize", model, progress, options)
 
 
+def finetune(original: Model, transformed: Model, data, *, labels: str | None = None, epochs: int | None = None,
+             lr: float | None = None, batch_size: int | None = None, temperature: float | None = None,
+             output=None, force: bool = False, external_data: bool = False,
+             progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+    """The staged workflow: train `transformed` (e.g. written by `binarize --stage transform` or `factor`) by
+    distillation from `original` on the inputs in `data` (train/distill.py); the graph is unchanged, only
+    weight values. Lower a binarized result with `lower` afterwards."""
+    tune = opt.FinetuneOptions(finetune=data, epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature)
+    save = opt.SaveOptions(output=output, force=force, external_data=external_data)
+    (teacher, files_a), (student, files_b) = _source(original), _source(transformed)
+    steps = [pipeline.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),
+             pipeline.ValidateCustomOps(), pipeline.Check(teacher, opt.CheckOptions())]
+    if output is not None:
+        steps.append(pipeline.Save(save, tuple(files_a + files_b)))
+    return pipeline.run(student, steps, Report(command="finetune"))
+
+
 def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None = None, output=None,
           force: bool = False, external_data: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe (recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
@@ -129,4 +146,4 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "lower", "quantize", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "lower", "quantize", "finetune", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]

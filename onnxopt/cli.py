@@ -82,8 +82,9 @@ def _progress(quiet: bool):
     if quiet or not sys.stderr.isatty():  # a bar in a CI log is noise
         return None
 
-    def bar(items, label):
-        with click.progressbar(items, label=label, file=sys.stderr) as it:
+    def bar(items, label):  # an item may say what to show beside the bar (fine-tuning: batch and loss)
+        with click.progressbar(items, label=label, file=sys.stderr,
+                               item_show_func=lambda item: getattr(item, "progress_text", None)) as it:
             yield from it
 
     return bar
@@ -145,6 +146,33 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
         if exc.report is not None:
             _print_report(exc.report, as_json)
         raise
+    _print_report(report, as_json)
+
+
+@cli.command()
+@click.argument("original", metavar="ORIGINAL", type=click.Path())
+@click.argument("transformed", metavar="TRANSFORMED", type=click.Path())
+@click.option("--data", required=True, metavar="DATA.npz", help="Training inputs keyed by input name.")
+@click.option("--labels", metavar="KEY", help="Array in --data holding class labels: adds cross-entropy "
+                                              "(default: distillation alone).")
+@click.option("--epochs", type=int, metavar="N", help="Passes over --data (default 3).")
+@click.option("--lr", type=float, metavar="X", help="Adam learning rate, cosine-decayed (default 0.001).")
+@click.option("--batch-size", type=int, metavar="B", help="Samples per step (default 64).")
+@click.option("--temperature", type=float, metavar="T", help="Distillation temperature (default 4).")
+@click.option("-o", "--output", metavar="PATH", help="Output path (default: <stem>.finetuned.onnx beside "
+                                                     "TRANSFORMED).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (never an input).")
+@click.option("--external-data", is_flag=True, help="Store weights in <output>.data beside the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def finetune(original, transformed, data, output, as_json, quiet, **options):
+    """Train TRANSFORMED (from factor, or binarize --stage transform) by distillation from ORIGINAL on the inputs
+    in --data: only weight values change. Needs torch (pip install 'onnxopt[train]')."""
+    from . import api
+    from .model import default_output
+
+    _, report = api.finetune(original, transformed, data, progress=_progress(quiet or as_json),
+                             output=output or default_output(transformed, "finetuned"), **options)
     _print_report(report, as_json)
 
 

@@ -256,7 +256,8 @@ class CheckOptions:
     max_error: float | None = option(help="With --check: fail (exit 1, nothing written) if the max relative "
                                           "difference exceeds X.", metavar="X", kind=float)
     labels: str | None = option(help="Array in --data holding class labels (default: 'label' if present); "
-                                     "without labels, the score is top-1 agreement with the input model.",
+                                     "without labels, the score is top-1 agreement with the input model. With "
+                                     "--finetune, the labels in its data too (adds cross-entropy).",
                                 metavar="KEY")
     max_drop: float | None = option(help="Fail (exit 1, nothing written) if the score on --data (accuracy, or "
                                          "top-1 agreement) drops by more than X against the input model.",
@@ -275,9 +276,8 @@ class CheckOptions:
             raise UsageError(f"invalid --max-error {self.max_error}: give a relative difference >= 0")
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:
             raise UsageError(f"invalid --max-drop {self.max_drop}: give a fraction in [0, 1]")
-        if (self.max_drop is not None or self.labels is not None) and self.data is None:
-            raise UsageError(f"{'--max-drop' if self.max_drop is not None else '--labels'} needs --data (inputs "
-                             "and labels to score both models on)")
+        if self.max_drop is not None and self.data is None:  # --labels: checked with --finetune (_check_together)
+            raise UsageError("--max-drop needs --data (inputs and labels to score both models on)")
         if self.min_speedup is not None and not self.min_speedup > 0:
             raise UsageError(f"invalid --min-speedup {self.min_speedup}: give a ratio > 0 (1.2: 20% faster)")
         self.size_limit = None if self.max_size is None else parse_size(self.max_size)
@@ -353,11 +353,51 @@ class ShapeOptions:
             self.shapes[name] = values
 
 
+@dataclass
+class FinetuneOptions:
+    """`--finetune`: recover accuracy by distillation from the input model (train/distill.py; needs torch)."""
+
+    finetune: Any = option(help="Fine-tune the transformed model by distillation from the input model on these "
+                                "inputs (.npz keyed by input name; no labels needed). Needs torch: pip install "
+                                "'onnxopt[train]'.", metavar="DATA.npz", path=True)
+    epochs: int | None = option(help="Passes over the --finetune data (default 3).", metavar="N", kind=int)
+    lr: float | None = option(help="Adam learning rate, decayed to 0 on a cosine (default 0.001).", metavar="X",
+                              kind=float)
+    batch_size: int | None = option(help="Samples per training step (default 64).", metavar="B", kind=int)
+    temperature: float | None = option(help="Softmax temperature of the distillation loss on class-score outputs "
+                                            "(default 4).", metavar="T", kind=float)
+    finetune_seed: int = option(0, "Seed of the data order (runs are deterministic for a seed).", cli=False)
+
+    DEFAULTS = {"epochs": 3, "lr": 1e-3, "batch_size": 64, "temperature": 4.0}
+
+    def __post_init__(self):
+        given = [k for k in self.DEFAULTS if getattr(self, k) is not None]
+        if given and self.finetune is None:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --finetune DATA.npz")
+        for key, default in self.DEFAULTS.items():
+            value = getattr(self, key)
+            setattr(self, key, default if value is None else value)
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise UsageError(f"invalid --epochs {self.epochs}: give a number of passes >= 1")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise UsageError(f"invalid --batch-size {self.batch_size}: give a number of samples >= 1")
+        for key in ("lr", "temperature"):
+            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
+                raise UsageError(f"invalid --{key} {getattr(self, key)}: give a number > 0")
+        if isinstance(self.finetune, (str, os.PathLike)) and not Path(self.finetune).is_file():
+            raise UsageError(f"{self.finetune}: no such --finetune data file")
+        if self.finetune is not None:
+            from .train import require_torch
+
+            require_torch("--finetune")
+
+
 # the option groups of each command, in the order the CLI lists them
 COMMAND_OPTIONS: dict[str, tuple[type, ...]] = {
-    "factor": (FactorOptions, RecoverOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
-    "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, SelectOptions, CheckOptions, ShapeOptions,
-                 SaveOptions),
+    "factor": (FactorOptions, RecoverOptions, FinetuneOptions, SelectOptions, CheckOptions, ShapeOptions,
+               SaveOptions),
+    "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, FinetuneOptions, SelectOptions, CheckOptions,
+                 ShapeOptions, SaveOptions),
     "lower": (LowerOptions, CheckOptions, ShapeOptions, SaveOptions),
     "quantize": (QuantizeOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
 }
@@ -380,6 +420,9 @@ def parse(command: str, values: dict[str, Any]) -> dict[type, Any]:
 def _check_together(groups: dict[type, Any]) -> None:
     """Rules that span two option groups."""
     factor, check = groups.get(FactorOptions), groups.get(CheckOptions)
+    finetune = groups.get(FinetuneOptions)
+    if check.labels is not None and check.data is None and (finetune is None or finetune.finetune is None):
+        raise UsageError("--labels needs --data (or --finetune): the file that holds the labels")
     if factor is not None and factor.budget_spec is not None and factor.budget_spec.fraction is None:
         if check.max_drop is None:
             raise UsageError(f"--budget {factor.budget_spec} searches for the smallest budget that passes "

@@ -1,7 +1,7 @@
 """The pipeline: a command is a list of steps, each `(model, report) -> (model, report)`.
 
-    load → rewrite (factor | binarize) → [refit on calibration data] → [train] → lower (+ fold) | emulate
-         → check → gate → save
+    load → rewrite (factor | binarize) → [refit on calibration data] → [finetune by distillation] → [train hook]
+         → lower (+ fold) | emulate → check → gate → save
 
 Steps never print: they append to the one Report. `build(command, source, options)` makes the step
 list of a command from its typed options; `run` runs it. Sweeps and recipes are lists of such pipelines.
@@ -192,6 +192,25 @@ class Refit:
         return refit_binary(model, load_calibration(self.calibration, model)), report
 
 
+@dataclass(kw_only=True)
+class Finetune:
+    """Distillation from the model before the rewrite (`teacher`) into the transformed one (train/distill.py)."""
+
+    options: opt.FinetuneOptions
+    teacher: onnx.ModelProto
+    labels: str | None = None
+    progress: Progress | None = None
+    name: str = "finetune"
+
+    def __call__(self, model, report):
+        from .train.distill import finetune
+
+        model, report.finetune = finetune(self.teacher, model, self.options, labels=self.labels,
+                                          progress=self.progress)
+        report.steps.append(self.name)
+        return model, report
+
+
 @dataclass
 class Train:
     """A training hook or an external trainer; only weight values may change."""
@@ -358,6 +377,10 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
                          progress=progress, reference=reference)]
     else:
         return _lower_steps(groups[opt.LowerOptions], progress)
+    tune = groups.get(opt.FinetuneOptions)
+    if tune is not None and tune.finetune is not None:
+        steps.append(Finetune(options=tune, teacher=reference, labels=groups[opt.CheckOptions].labels,
+                              progress=progress))
     if recover.trains:
         steps.append(Train(recover))
     if command == "binarize":
@@ -375,7 +398,7 @@ def _binarize_tail(options: opt.BinarizeOptions, lower: opt.LowerOptions, progre
 
 def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), progress=None) -> list[Step]:
     """The steps of `command` for these options (from `options.parse`)."""
-    steps = _rewrite_steps(command, groups, progress)
+    steps = _rewrite_steps(command, groups, progress, reference=source)
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
     steps += [Check(source, check), Gate(check, strict=save.strict)]
     if save.output is not None:

@@ -41,6 +41,7 @@ class Report:
     latency: dict | None = None  # --min-speedup: measure.alternating_latency (a = input model, b = output)
     recipe: dict | None = None  # apply: {"path", "steps": [a summary row per command]}
     patterns: list | None = None  # [{"flag", "pattern", "layers": [names matched]}]
+    finetune: dict | None = None  # --finetune: train/distill.py's summary (loss per epoch, before/after)
 
     def merge(self, step: "Report") -> None:
         """Add what one pipeline step did. A layer already listed as changed keeps its row and action
@@ -57,6 +58,7 @@ class Report:
         self.warnings += [w for w in step.warnings if w not in self.warnings]
         self.budget = step.budget or self.budget
         self.patterns = step.patterns or self.patterns
+        self.finetune = step.finetune or self.finetune
 
     @property
     def changed(self) -> list[LayerReport]:
@@ -73,7 +75,7 @@ class Report:
         return {"command": self.command, "steps": self.steps, "output": self.output,
                 "layers": [_applicable(x) for x in self.layers], "totals": self.totals(), "warnings": self.warnings,
                 "check": self.check, "budget": self.budget, "size": self.size, "latency": self.latency,
-                "recipe": self.recipe, "patterns": self.patterns}
+                "recipe": self.recipe, "patterns": self.patterns, "finetune": self.finetune}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -103,6 +105,8 @@ class Report:
                          f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")
         if self.budget:
             lines += budget_table(self.budget)
+        if self.finetune:
+            lines += finetune_lines(self.finetune)
         if self.check:
             lines.append(format_check(self.check))
         if self.size:
@@ -143,6 +147,14 @@ def format_check(check: dict) -> str:
         line += (f"\n{score['metric']} on {score['samples']} samples: {score['reference']:.4f} -> "
                  f"{score['candidate']:.4f} (drop {score['drop']:+.4f})")
     return line
+
+
+def finetune_lines(f: dict) -> list[str]:
+    """What distillation did: the loss on the training data before and after, per epoch, and the time."""
+    epochs = ", ".join(f"{e['loss']:.4f}" for e in f["epochs"])
+    return [f"finetune: {f['loss']} on {f['samples']} samples{' with labels' if f['labels'] else ''}, "
+            f"{f['trained_params']:,} weights in {f['trained_tensors']} tensors trained; loss "
+            f"{f['loss_before']:.4f} -> {f['loss_after']:.4f} (epochs: {epochs}) in {f['seconds']:.1f} s"]
 
 
 def recipe_lines(recipe: dict) -> list[str]:

@@ -18,7 +18,7 @@ from . import feeds_from, output_differences, run, session
 LABEL_KEYS = ("label", "labels")
 
 
-def _labels(data, key: str | None) -> np.ndarray | None:
+def load_labels(data, key: str | None) -> np.ndarray | None:
     """The label array of `data` (.npz path or dict): `key`, else 'label'/'labels' if present, else None."""
     if isinstance(data, dict):
         return _pick_labels(list(data), lambda name: np.asarray(data[name]), key, "data")
@@ -39,7 +39,7 @@ class Scorer:
     def __init__(self, reference: onnx.ModelProto, data, labels: str | None = None, *, feeds=None, outputs=None):
         """`feeds`, `outputs`: the data's inputs and the reference's outputs on them, when already at hand."""
         self.feeds = feeds if feeds is not None else feeds_from(data, reference)
-        self.labels = _labels(data, labels)
+        self.labels = load_labels(data, labels)
         self.outputs = outputs if outputs is not None else run(reference, self.feeds)
         first = next(iter(self.outputs.values()))
         samples = len(next(iter(self.feeds.values())))
