@@ -77,7 +77,7 @@ def finetune(original: Model, transformed: Model, data, *, labels: str | None = 
     steps = [pipeline.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),
              pipeline.ValidateCustomOps(), pipeline.Check(teacher, opt.CheckOptions())]
     if output is not None:
-        steps.append(pipeline.Save(save, tuple(files_a + files_b)))
+        steps.append(pipeline.Save.checked(save, files_a + files_b))
     return pipeline.run(student, steps, Report(command="finetune"))
 
 

@@ -123,6 +123,12 @@ def _check_target(path: Path, force: bool, protected: list[Path]) -> None:
         raise UsageError(f"{path}: exists; pass --force to overwrite")
 
 
+def check_output(path: str | os.PathLike, *, force: bool = False, protected: list[Path] = ()) -> None:
+    """The save rules checked before any work, so a long run (a search, fine-tuning) is not spent on a result
+    that could not be written; `save_model` checks again when it writes."""
+    _check_target(Path(path), force, list(protected))
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
                external_data: bool = False, protected: list[Path] = ()) -> Path:
     """Check and write `model` atomically. External data goes to `<name>.data` beside it; both files

@@ -322,6 +322,14 @@ class Save:
     protected: tuple[Path, ...] = ()
     name: str = "save"
 
+    @classmethod
+    def checked(cls, save: opt.SaveOptions, protected) -> "Save":
+        """The step, once the output path has passed the save rules (before the pipeline does any work)."""
+        from .model import check_output
+
+        check_output(save.output, force=save.force, protected=list(protected))
+        return cls(save, tuple(protected))
+
     def __call__(self, model, report):
         from .model import save_model
 
@@ -402,7 +410,7 @@ def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), 
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
     steps += [Check(source, check), Gate(check, strict=save.strict)]
     if save.output is not None:
-        steps.append(Save(save, tuple(protected)))
+        steps.append(Save.checked(save, protected))
     return steps
 
 
@@ -417,6 +425,7 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
     """A recipe's commands in order on `source` (each one's rewrite steps, scored against `source` where a step
     searches or gates), a summary row per command, then the recipe's gates on the final model, then save."""
     gate = opt.CheckOptions(**recipe.gate)
+    save_step = Save.checked(save, protected) if save.output is not None else None
     measure = _StepMeasure(source, gate)
     report = Report(command="apply")
     report.recipe = {"path": str(recipe.path), "steps": []}
@@ -428,9 +437,7 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
         report.merge(step_report)
         report.recipe["steps"].append({"run": command, "layers_changed": len(step_report.changed),
                                        "size": model.ByteSize(), **measure(model)})
-    steps = [Check(source, gate), Gate(gate)]
-    if save.output is not None:
-        steps.append(Save(save, tuple(protected)))
+    steps = [Check(source, gate), Gate(gate)] + ([save_step] if save_step else [])
     return run(model, steps, report)
 
 

@@ -241,7 +241,7 @@ def _gather(n, x, indices):
     axis = n.get("axis", 0) % x.dim()
     idx = indices.long() % x.shape[axis]
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
 
 
 @op("Expand")
@@ -259,14 +259,14 @@ def _tile(n, x, repeats):
 def _constant(n):
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
         if key in n.attrs:
-            return torch.as_tensor(np.array(n.attrs[key]))
+            return torch.from_numpy(np.array(n.attrs[key]))
     raise ValueError("unsupported Constant attribute")
 
 
 @op("ConstantOfShape")
 def _constant_of_shape(n, shape):
-    value = n.get("value", np.zeros(1, np.float32))
-    return torch.full(_ints(shape), value.reshape(-1)[0].item(), dtype=torch.as_tensor(value).dtype)
+    value = torch.from_numpy(np.array(n.get("value", np.zeros(1, np.float32))))
+    return torch.full(_ints(shape), value.reshape(-1)[0].item(), dtype=value.dtype)
 
 
 @op("Range")
