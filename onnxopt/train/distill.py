@@ -70,8 +70,9 @@ def finetune(teacher: onnx.ModelProto, student: onnx.ModelProto, options, *, lab
     before = _mean_loss(module, feeds, targets, loss_fn, truth, options.batch_size)
     epochs = _train(module, feeds, targets, loss_fn, truth, options, progress)
     after = _mean_loss(module, feeds, targets, loss_fn, truth, options.batch_size)
-    trained = _write_back(student, module.trained_values())
-    return trained, {
+    kept = after < before  # training that made the model worse (too high a rate, too little data) is not kept
+    trained = _write_back(student, module.trained_values()) if kept else student
+    return trained, {"kept": kept,
         "samples": samples, "epochs": epochs, "loss_before": before, "loss_after": after,
         "labels": truth is not None, "trained_tensors": len(trainable),
         "trained_params": int(sum(p.numel() for p in module.weights)), "seconds": time.perf_counter() - start,
