@@ -52,6 +52,13 @@ def binarize(model: Model, *, progress: Progress | None = None, **options) -> tu
     return _command("binarize", model, progress, options)
 
 
+def prune(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+    """Channel pruning (passes/prune.py): each prunable Conv/Gemm keeps `keep` of its output channels, the
+    channels followed through the graph; with `calibration`, reconstruction-based selection and a least-squares
+    refit of the next layers."""
+    return _command("prune", model, progress, options)
+
+
 def lower(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
     """BinaryConv (or its --emulate form) → BitConv: weights packed to bits for the native kernel, then a
     BatchNormalization that follows a BitConv folded into its α and bias (`keep_batchnorm=True`: not)."""
@@ -146,4 +153,4 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "lower", "quantize", "finetune", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]

@@ -119,6 +119,10 @@ _rewrite_command("factor", "factored", "Replace Gemm and MatMul(X, constant W) b
                                        "||X(W - UV)||F / ||XW||F on the calibration inputs); above 0.8 it warns.")
 _rewrite_command("binarize", "binarized", "Replace Conv by a binarized convolution: Conv(b(X), alpha * b(W)) + B, "
                                           "b(v) = +1 if v > 0 else -1.")
+_rewrite_command("prune", "pruned", "Remove output channels of Conv/Gemm/MatMul layers (and the matching inputs of "
+                                    "every layer they reach, through BatchNormalization, activations, pooling, "
+                                    "Concat, Split, depthwise convs, residual Adds); by filter magnitude, or with "
+                                    "--calibration by output reconstruction with a least-squares refit.")
 _rewrite_command("lower", "lowered", "Replace trainable BinaryConv ops by the native bit-packed BitConv "
                                      "(weights stored as bits).")
 _rewrite_command("quantize", "quantized", "int8 through onnxruntime.quantization: static QDQ with --calibration, "

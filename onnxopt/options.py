@@ -179,6 +179,34 @@ class FactorOptions:
         self.factor_function = load_function(self.factor_fn, "--factor-fn")
 
 
+def _fraction(text, what: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value <= 1:
+        raise UsageError(f"invalid {what} '{text}': give the fraction of channels to keep, in (0, 1]")
+    return value
+
+
+@dataclass
+class PruneOptions:
+    """`prune`: how many output channels each prunable layer keeps."""
+
+    keep: float | None = option(help="Fraction of output channels (Gemm: output features) each prunable layer "
+                                     "keeps, in (0, 1].", metavar="F", kind=float)
+    keep_for: tuple = option(help="Per-layer fraction; first match wins (repeatable). Layers tied by a residual "
+                                  "Add share one channel set: the first of them that matches decides.",
+                             metavar="PATTERN=F", repeat=True)
+
+    def __post_init__(self):
+        if self.keep is None and not self.keep_for:
+            raise UsageError("give --keep F (the fraction of channels to keep, e.g. 0.5) or --keep-for PATTERN=F")
+        self.fraction = 1.0 if self.keep is None else _fraction(self.keep, "--keep")
+        self.overrides = [(p, _fraction(f, f"--keep-for {p}")) for p, f in _pairs(self.keep_for, "--keep-for")]
+        self.patterns = tuple(("--keep-for", p) for p, _ in self.overrides)
+
+
 SCALES = ("channel", "tensor", "none")
 STAGES = ("transform", "all")
 
@@ -398,6 +426,7 @@ COMMAND_OPTIONS: dict[str, tuple[type, ...]] = {
                SaveOptions),
     "binarize": (BinarizeOptions, LowerOptions, RecoverOptions, FinetuneOptions, SelectOptions, CheckOptions,
                  ShapeOptions, SaveOptions),
+    "prune": (PruneOptions, RecoverOptions, FinetuneOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
     "lower": (LowerOptions, CheckOptions, ShapeOptions, SaveOptions),
     "quantize": (QuantizeOptions, SelectOptions, CheckOptions, ShapeOptions, SaveOptions),
 }

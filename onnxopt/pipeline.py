@@ -176,6 +176,36 @@ class Quantize(_ScoringStep):
         return new, report
 
 
+@dataclass(kw_only=True)
+class Prune:
+    """Channel pruning (passes/prune.py): magnitude, or with calibration data He et al.'s reconstruction and a
+    least-squares refit of each consumer."""
+
+    options: opt.PruneOptions
+    recover: opt.RecoverOptions
+    select: opt.SelectOptions
+    name: str = "prune"
+
+    def __call__(self, model, report):
+        from .passes import prune
+        from .select import layer_paths
+
+        graph = prune.ChannelGraph(model)
+        selection = self.select.selection(list(self.options.patterns))
+        producers = [(layer.name, layer_paths(layer.node)) for layer in graph.layers.values() if layer.out_atoms]
+        matched = _check_patterns(selection, producers, "Conv/Gemm/MatMul")
+        grams = None
+        if self.recover.calibration is not None:
+            from .train.calibrate import input_grams, load_calibration
+
+            consumers = [layer for layer in graph.layers.values() if layer.in_atoms]
+            grams = input_grams(model, load_calibration(self.recover.calibration, model), consumers)
+        new, step_report = prune.prune(model, self.options.fraction, self.options.overrides, selection, grams)
+        step_report.patterns = matched
+        report.merge(step_report)
+        return new, report
+
+
 @dataclass
 class Refit:
     """Refit α and bias of each BinaryConv on calibration data (binarize --calibration)."""
@@ -384,6 +414,8 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
         steps = [Pass("binarize", lambda m: binarize.rules(options), select, progress)]
         if recover.calibration is not None:
             steps.append(Refit(recover.calibration))
+    elif command == "prune":
+        steps = [Prune(options=groups[opt.PruneOptions], recover=recover, select=select)]
     elif command == "quantize":
         return [Quantize(options=groups[opt.QuantizeOptions], select=select, check=groups[opt.CheckOptions],
                          progress=progress, reference=reference)]

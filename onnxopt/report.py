@@ -25,6 +25,7 @@ class LayerReport:
     error: float | None = None  # relative reconstruction error ‖W − W'‖F / ‖W‖F
     bytes_before: int = 0
     bytes_after: int = 0
+    channels: str | None = None  # prune: "in 64->32, out 128->64"
 
 
 @dataclass
@@ -81,18 +82,18 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        head = ["layer", "op", "shape", "action", "rank", "params", "FLOPs/sample", "rel.err"]
+        head = ["layer", "op", "shape", "action", "rank", "channels", "params", "FLOPs/sample", "rel.err"]
         rows = []
         for x in self.layers:
             if x.action == "skipped":
-                rows.append([x.name, x.op_type, x.shape, f"skipped: {x.reason}", "", "", "", ""])
+                rows.append([x.name, x.op_type, x.shape, f"skipped: {x.reason}", "", "", "", "", ""])
                 continue
             rank = "" if x.rank is None else f"{x.rank}/{x.full_rank}" if x.full_rank else str(x.rank)
-            rows.append([x.name, x.op_type, x.shape, x.action, rank,
+            rows.append([x.name, x.op_type, x.shape, x.action, rank, x.channels or "",
                          _arrow(x.params_before, x.params_after), _arrow(x.flops_before, x.flops_after),
                          "" if x.error is None else f"{x.error:.2e}"])
         t = self.totals()
-        rows.append(["total", "", "", f"{t['layers_changed']} changed", "",
+        rows.append(["total", "", "", f"{t['layers_changed']} changed", "", "",
                      _arrow(t["params_before"], t["params_after"]), _arrow(t["flops_before"], t["flops_after"]), ""])
         keep = [i for i in range(len(head)) if i < 4 or any(r[i] for r in rows)]  # only columns that apply
         lines = _columns([head[i] for i in keep], [[r[i] for i in keep] for r in rows])

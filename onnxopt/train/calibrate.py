@@ -104,3 +104,27 @@ def refit_binary(model: onnx.ModelProto, feeds) -> onnx.ModelProto:
         inits[b_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), b_name))
     return fitted
 
+
+
+def input_grams(model: onnx.ModelProto, feeds, layers) -> dict[str, np.ndarray]:
+    """{layer name: [X 1]ᵀ[X 1]} of each prune.Layer's input on the calibration data (a conv's X: its im2col
+    patches), a constant column appended so a least-squares refit can move the bias too."""
+    from ..convgeom import Geometry, im2col
+    from ..model import node_attributes
+
+    constants = Constants(model.graph)
+    tensors = sorted({layer.node.input[0] for layer in layers})
+    grams: dict[str, np.ndarray] = {}
+    for acts in activations(model, feeds, tensors):
+        for layer in layers:
+            x = acts[layer.node.input[0]]
+            if layer.kind == "conv":
+                w = constants.get(layer.weight)
+                geometry = Geometry.from_conv(node_attributes(layer.node), 2, x.shape[1])
+                parts = [im2col(x[s:s + 8], tuple(w.shape[2:]), geometry) for s in range(0, len(x), 8)]
+            else:
+                parts = [x.reshape(-1, x.shape[-1])]
+            for cols in parts:
+                cols = np.hstack([cols.astype(np.float64), np.ones((len(cols), 1))])
+                grams[layer.name] = grams.get(layer.name, 0) + cols.T @ cols
+    return grams
