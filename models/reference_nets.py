@@ -94,7 +94,8 @@ class MobileNetV2(nn.Module):
 class YoloConv(nn.Module):
     def __init__(self, cin, cout, k=1, stride=1):
         super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn, self.act = nn.BatchNorm2d(cout), nn.SiLU()
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
@@ -107,7 +108,8 @@ class C2f(nn.Module):
         super().__init__()
         self.c = cout // 2
         self.cv1, self.cv2 = YoloConv(cin, 2 * self.c), YoloConv((2 + n) * self.c, cout)
-        self.m = nn.ModuleList(nn.Sequential(YoloConv(self.c, self.c, 3), YoloConv(self.c, self.c, 3)) for _ in range(n))
+        self.m = nn.ModuleList(nn.Sequential(YoloConv(self.c, self.c, 3), YoloConv(self.c, self.c, 3))
+                               for _ in range(n))
 
     def forward(self, x):
         y = list(self.cv1(x).split((self.c, self.c), 1))

@@ -1,6 +1,6 @@
 """onnxopt: make ONNX models cheaper — low-rank dense layers, binarized convolutions.
 
-Pipeline (pipeline.py): load (model) → select → rewrite (passes/*) → [refit, train (train/*)] → lower
+Pipeline (pipeline.py): load (model) → select → rewrite (passes/*) → [refit, finetune, train (train/*)] → lower
 → check → gate → save. The API (api.py) has one function per command; netopt.py keeps CNTK netopt's
 names. Heavy imports (onnxruntime, numba) happen only when used.
 """
@@ -9,7 +9,8 @@ from .errors import GateFailed, OnnxoptError, UsageError
 __version__ = "0.1.0"
 
 _API = {
-    "factor": "api", "binarize": "api", "lower": "api", "quantize": "api", "apply": "api", "inspect": "api",
+    "factor": "api", "binarize": "api", "prune": "api", "lower": "api", "quantize": "api", "finetune": "api",
+    "apply": "api", "inspect": "api",
     "run": "api", "check": "api",
     "compare": "api",
     "factor_dense": "netopt", "binarize_convolution": "netopt", "convert_to_binary_convolution": "netopt",

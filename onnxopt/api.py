@@ -153,4 +153,5 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "inspect", "run", "check", "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "inspect", "run", "check",
+           "compare", "OnnxoptError"]

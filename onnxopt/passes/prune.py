@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..model import node_attributes as _attrs
 from ..report import LayerReport, Report
@@ -179,7 +178,8 @@ class ChannelGraph:
             layer.in_atoms = atoms
         layer.out_atoms = self._new(w.shape[layer.out_axis])
         shape = self.ctx.shape(node.output[0]) or []
-        layer.pixels = math.prod(d for d in (shape[2:] if node.op_type == "Conv" else shape[1:-1]) if isinstance(d, int))
+        positions = shape[2:] if node.op_type == "Conv" else shape[1:-1]
+        layer.pixels = math.prod(d for d in positions if isinstance(d, int))
         self.atoms[node.output[0]] = layer.out_atoms
         if node.op_type == "MatMul":
             self._axes[node.output[0]] = -1
