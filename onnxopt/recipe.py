@@ -22,7 +22,7 @@ from typing import Any
 from . import options as opt
 from .errors import UsageError
 
-COMMANDS = ("factor", "binarize", "lower", "quantize")
+COMMANDS = ("factor", "binarize", "prune", "lower", "quantize")
 STEP_EXCLUDED = (opt.SaveOptions, opt.CheckOptions, opt.ShapeOptions)  # apply's own, the [gate] table's
 
 

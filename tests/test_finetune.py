@@ -204,3 +204,14 @@ def test_finetune_command_line(tmp_path, unlabeled):
     r = cli("finetune", MODELS / "cnn.onnx", transformed, "--data", unlabeled["cnn"], "-o", transformed, "--force")
     assert r.returncode == 2 and "is the input model" in r.stderr and sha256(transformed) == before
     assert "finetune" not in r.stdout  # refused before training, not after
+
+
+def test_prune_then_finetune_then_binarize(tmp_path, unlabeled):
+    """A pruned model fine-tunes like any other, and stays an ordinary model for binarize."""
+    out = tmp_path / "pruned.onnx"
+    _, plain = api.prune(MODELS / "cnn.onnx", keep=0.25, data=MODELS / "cnn_test.npz")
+    _, tuned = api.prune(MODELS / "cnn.onnx", keep=0.25, finetune=unlabeled["cnn"], epochs=2,
+                         data=MODELS / "cnn_test.npz", output=out)
+    assert tuned.check["score"]["candidate"] > plain.check["score"]["candidate"] + 0.03
+    model, report = api.binarize(out, skip=["first_conv"])
+    assert [n.op_type for n in model.graph.node].count("BitConv") == 2

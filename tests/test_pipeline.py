@@ -152,7 +152,7 @@ def test_readme_commands_run(tmp_path):
     commands = _readme_commands()
     assert len(commands) >= 10
     for args in commands:
-        if args[0] in ("factor", "binarize", "lower", "quantize", "apply"):
+        if args[0] in ("factor", "binarize", "prune", "lower", "quantize", "finetune", "apply"):
             args = args + ["--force"]  # several examples write the same default output
         r = cli(*args, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr)
