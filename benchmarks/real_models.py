@@ -38,43 +38,17 @@ def weights(model: onnx.ModelProto) -> int:
 
 
 def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: int = 1000) -> list[Path]:
-    """torchvision's resnet18 layout and module names (conv1, bn1, layer1.0.conv1, ..., fc), `width` channels in
-    the first stage, exported by both exporters."""
+    """torchvision's resnet18 layout and module names (models/reference_nets.py), `width` channels in the first
+    stage, exported by both exporters."""
+    import sys
+
     import torch
-    from torch import nn
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                               if stride != 1 or cin != cout else None)
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-    class ResNet18(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            w = width
-            widths = [(w, w, 1), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 8 * w, 2)]
-            for i, (cin, cout, stride) in enumerate(widths, 1):
-                setattr(self, f"layer{i}", nn.Sequential(Block(cin, cout, stride), Block(cout, cout, 1)))
-            self.fc = nn.Linear(8 * width, classes)
-
-        def forward(self, x):
-            x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from models.reference_nets import ResNet18
 
     torch.manual_seed(0)
-    model = ResNet18().eval()
+    model = ResNet18(width, classes).eval()
     x = torch.randn(1, 3, size, size)
     paths = []
     for dynamo in (False, True):
