@@ -37,6 +37,26 @@ def accuracy_table():
     print(f"float: {report.check['score']['reference']:.3f}")
 
 
+def budget_table():
+    """--budget: channel counts chosen per group under a FLOP budget, against one fraction for all (--keep)."""
+    models = ROOT / "models"
+    calib = {"calibration": models / "cnn_calib.npz"}
+    print("\n| budget | magnitude (one fraction) | calibration (greedy allocation) | channels kept (calibrated) |")
+    print("|---|---|---|---|")
+    for budget in ("flops=0.25", "flops=0.07", "flops=0.04"):
+        scores, kept = [], ""
+        for extra in ({}, calib):
+            _, report = api.prune(models / "cnn.onnx", budget=budget, data=models / "cnn_test.npz", **extra)
+            scores.append(report.check["score"]["candidate"])
+            kept = ", ".join(f"{x['after']}/{x['before']}" for x in report.budget["layers"])
+        print(f"| {budget} | {scores[0]:.3f} | {scores[1]:.3f} | {kept} |", flush=True)
+    for keep in (0.5, 0.25, 0.18):
+        _, report = api.prune(models / "cnn.onnx", keep=keep, data=models / "cnn_test.npz", **calib)
+        t = report.totals()
+        print(f"--keep {keep} with calibration: {report.check['score']['candidate']:.3f} at "
+              f"flops={t['flops_after'] / t['flops_before']:.3f}", flush=True)
+
+
 def latency(name: str, source, shape: dict, keep: float = 0.5, batch: int = 8):
     import onnx
 
@@ -55,8 +75,12 @@ def latency(name: str, source, shape: dict, keep: float = 0.5, batch: int = 8):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolo", type=Path, help="the YOLOv8n detector 320n.onnx (nudenet wheel)")
+    parser.add_argument("--budget-only", action="store_true", help="the accuracy tables, no latency")
     args = parser.parse_args()
     accuracy_table()
+    budget_table()
+    if args.budget_only:
+        return
     print("\n| model | keep | layers pruned | FLOP ratio | speed-up | speed-up / FLOP ratio | median |")
     print("|---|---|---|---|---|---|---|")
     latency("sample CNN", ROOT / "models" / "cnn.onnx", {})

@@ -200,7 +200,9 @@ class Prune:
 
             consumers = [layer for layer in graph.layers.values() if layer.in_atoms]
             grams = input_grams(model, load_calibration(self.recover.calibration, model), consumers)
-        new, step_report = prune.prune(model, self.options.fraction, self.options.overrides, selection, grams)
+        spec = self.options.budget_spec
+        new, step_report = prune.prune(model, self.options.fraction, self.options.overrides, selection, grams,
+                                       budget=(spec.kind, spec.fraction) if spec else None)
         step_report.patterns = matched
         report.merge(step_report)
         return new, report

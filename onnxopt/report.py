@@ -182,9 +182,13 @@ def budget_table(budget: dict) -> list[str]:
     """The allocation under --budget: per layer the rank chosen (or dense), cost before/after in the budget's
     unit, and the normalised error allotted (share of the layer's energy lost); then the totals."""
     unit = "params" if budget["kind"] == "params" else "FLOPs/sample"
-    rows = [[x["name"], "dense" if x["rank"] is None else f"{x['rank']}{' (pinned)' if x['pinned'] else ''}",
-             _arrow(x["before"], x["after"]), f"{x['error']:.2e}"] for x in budget["layers"]]
-    lines = [""] + _columns(["budgeted layer", "rank", unit, "normalised error"], rows)
+    if budget.get("what") == "channels":  # prune: channels kept per group (its first layer named)
+        rows = [[x["name"], f"{x['after']}/{x['before']}", f"{x['error']:.2e}"] for x in budget["layers"]]
+        lines = [""] + _columns(["budgeted group", "channels kept", "normalised error"], rows)
+    else:
+        rows = [[x["name"], "dense" if x["rank"] is None else f"{x['rank']}{' (pinned)' if x['pinned'] else ''}",
+                 _arrow(x["before"], x["after"]), f"{x['error']:.2e}"] for x in budget["layers"]]
+        lines = [""] + _columns(["budgeted layer", "rank", unit, "normalised error"], rows)
     lines.append(f"budget {budget['budget']}: {budget['used']:,} of {budget['allowed']:,} {unit} allowed "
                  f"(fraction {budget['fraction']:g} of {budget['dense']:,} dense; used "
                  f"{budget['used'] / max(budget['dense'], 1):.1%})")

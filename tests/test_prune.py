@@ -198,3 +198,28 @@ def test_command_line_keep_for_and_json(tmp_path):
     assert rows["/conv2/Conv"]["channels"] == "64->64 in, 64->32 out"
     assert rows["/conv3/Conv"]["channels"] == "64->32 in, 128->32 out"
     assert sha256(MODELS / "cnn.onnx") == digest
+
+
+@pytest.mark.parametrize("budget, calibration", [("flops=0.25", False), ("flops=0.07", True), ("params=0.25", False)])
+def test_budget_is_met_and_keeps_accuracy(budget, calibration):
+    """Channel counts chosen under one global budget: the prunable layers' cost is within it, and the held-out
+    accuracy stays up (flops=0.07 with calibration: 0.969; --keep 0.25 at the same FLOPs: 0.968)."""
+    _, report = api.prune(MODELS / "cnn.onnx", budget=budget, data=MODELS / "cnn_test.npz",
+                          calibration=MODELS / "cnn_calib.npz" if calibration else None)
+    b = report.budget
+    assert b["used"] <= b["allowed"] and b["used"] >= 0.8 * b["allowed"]  # met, and not by pruning everything
+    assert report.check["score"]["candidate"] >= 0.95
+    assert "budgeted group" in report.text() and "channels kept" in report.text()
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--keep", "0.5", "--budget", "flops=0.5"], "--keep and --budget exclude each other"),
+    (["--budget", "flops=auto"], "prune --budget takes params=F or flops=F"),
+    (["--budget", "params=0.0001"], "cannot be met: the smallest budget possible is params="),
+    (["--budget", "weights=0.5"], "invalid --budget 'weights=0.5'"),
+])
+def test_bad_budget(tmp_path, args, text):
+    out = tmp_path / "p.onnx"
+    r = cli("prune", MODELS / "cnn.onnx", *args, "-o", out)
+    assert r.returncode == 2 and text in r.stderr, r.stderr
+    assert not out.exists()
