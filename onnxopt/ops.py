@@ -3,6 +3,11 @@
 - BinaryConv (trainable): X, W float [O, C, (kh,) kw], alpha [O], bias [O], geometry int64 [11]
   computes α·Conv(b(X), b(W)) + bias, b(v) = +1 if v > 0 else −1, zero padding.
 - BitConv (lowered): the same, with W as sign bits packed to uint64 [kh, kw, words(C), O].
+- MultibitConv (trainable): residual binarization (netopt's Multibit / MultibitKernel) of the weights in Kw levels
+  and of the activations in Ka levels; alpha is [Kw, O] (one scale per level and output channel), geometry is
+  the conv geometry followed by Ka (12 int64). Semantics: `kernels.reference.multibit_conv`.
+- MultibitBitConv (lowered): the same, with the Kw weight bit planes packed side by side along the output
+  channels, uint64 [kh, kw, words(C), Kw·O].
 
 Every path that hands these constants to a kernel (lowering, session creation, training hooks, each
 `run` of a guarded session) goes through `constants_problem` / `input_problem`, so the kernels can index
@@ -21,7 +26,11 @@ DOMAIN = "com.onnxopt"
 OPSET = 1
 BINARY_CONV = "BinaryConv"
 BIT_CONV = "BitConv"
-OP_TYPES = (BINARY_CONV, BIT_CONV)
+MULTIBIT_CONV = "MultibitConv"
+MULTIBIT_BIT_CONV = "MultibitBitConv"
+OP_TYPES = (BINARY_CONV, BIT_CONV, MULTIBIT_CONV, MULTIBIT_BIT_CONV)
+PACKED = (BIT_CONV, MULTIBIT_BIT_CONV)
+MAX_LEVELS = 4
 
 
 def is_custom(node: onnx.NodeProto, op_type: str | None = None) -> bool:
@@ -38,7 +47,7 @@ def _vector_problem(role: str, v: np.ndarray, out_channels: int) -> str | None:
 
 def kernel_shape(op_type: str, w: np.ndarray) -> tuple[int, int, int]:
     """(out_channels, kh, kw) from the weight of either op (Conv1d weights have no kh)."""
-    if op_type == BIT_CONV:
+    if op_type in PACKED:
         return w.shape[3], w.shape[0], w.shape[1]
     return (w.shape[0], 1, w.shape[2]) if w.ndim == 3 else (w.shape[0], w.shape[2], w.shape[3])
 
@@ -46,11 +55,20 @@ def kernel_shape(op_type: str, w: np.ndarray) -> tuple[int, int, int]:
 def constants_problem(op_type: str, w: np.ndarray, alpha: np.ndarray, bias: np.ndarray,
                       geometry: np.ndarray) -> str | None:
     """Why these constants cannot run in the kernel (sizes, ranges, finiteness), or None."""
+    multibit = op_type in (MULTIBIT_CONV, MULTIBIT_BIT_CONV)
+    if multibit:
+        geometry = np.asarray(geometry)
+        if geometry.dtype != np.int64 or geometry.shape != (12,) or not 1 <= int(geometry[11]) <= MAX_LEVELS:
+            return f"geometry must be 12 int64 values ending with activation levels 1..{MAX_LEVELS}"
+        if alpha.dtype != np.float32 or alpha.ndim != 2 or not 1 <= alpha.shape[0] <= MAX_LEVELS:
+            return f"alpha must be float32 [levels 1..{MAX_LEVELS}, O], got {alpha.dtype} of shape {list(alpha.shape)}"
+        levels, alpha_rows = alpha.shape[0], alpha
+        alpha, geometry = alpha[0], geometry[:11]
     problem = geometry_problem(geometry)
     if problem:
         return problem
     g = Geometry.decode(geometry)
-    if op_type == BIT_CONV:
+    if op_type in PACKED:
         words = packed_words(g.channels)
         if w.dtype != np.uint64 or w.ndim != 4 or w.shape[2] != words or 0 in w.shape:
             return (f"packed weight must be uint64 [kh, kw, {words}, O] for {g.channels} channels, "
@@ -65,13 +83,20 @@ def constants_problem(op_type: str, w: np.ndarray, alpha: np.ndarray, bias: np.n
         if not np.isfinite(w).all():
             return "weight has NaN or infinite values"
     out_channels = kernel_shape(op_type, w)[0]
+    if multibit:
+        if op_type == MULTIBIT_BIT_CONV:
+            if out_channels % levels:
+                return f"packed weight has {out_channels} columns, not a multiple of {levels} levels"
+            out_channels //= levels
+        if not np.isfinite(alpha_rows).all():
+            return "alpha has NaN or infinite values"
     return _vector_problem("alpha", alpha, out_channels) or _vector_problem("bias", bias, out_channels)
 
 
 def input_problem(op_type: str, x_shape, w: np.ndarray, geometry: np.ndarray) -> str | None:
     """Why an input of `x_shape` cannot go through this op (channels, rank, an empty output), or None.
     Dims that are not known integers are not judged."""
-    g = Geometry.decode(geometry)
+    g = Geometry.decode(geometry[:11])
     if len(x_shape) != g.spatial_rank + 2:
         return f"input has rank {len(x_shape)}, expected {g.spatial_rank + 2}"
     if isinstance(x_shape[1], int) and x_shape[1] != g.channels:

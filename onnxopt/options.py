@@ -233,10 +233,40 @@ class BinarizeOptions:
     emulate: bool = option(False, "Write the transformed model in standard ONNX ops only (Greater/Where + Conv + "
                                   "Mul/Add) for external trainers; implies --stage transform. `onnxopt lower` "
                                   "reads it back.")
+    weight_bits: int = option(1, "Weight levels Kw (1..4): residual binarization, one scale per level and output "
+                                 "channel (netopt's MultibitKernel).", metavar="KW", kind=int)
+    activation_bits: int = option(1, "Activation levels Ka (1..4): residual binarization of each sample at run time "
+                                     "(netopt's Multibit); 1 is b(X) with no scale.", metavar="KA", kind=int)
+    bits_for: tuple = option(help="Per-layer levels, e.g. conv3=2x2; first match wins (repeatable).",
+                             metavar="PATTERN=KWxKA", repeat=True)
 
     def __post_init__(self):
         _choice(self.scale, SCALES, "scale")
         _choice(self.stage, STAGES, "stage")
+        self.bits = (_levels(self.weight_bits, "--weight-bits"), _levels(self.activation_bits, "--activation-bits"))
+        self.bits_overrides = [(p, _bits_pair(v)) for p, v in _pairs(self.bits_for, "--bits-for")]
+        self.patterns = tuple(("--bits-for", p) for p, _ in self.bits_overrides)
+        if self.emulate and (self.bits != (1, 1) or self.bits_overrides):
+            raise UsageError("--emulate writes 1-bit layers only: multi-bit layers (--weight-bits, "
+                             "--activation-bits, --bits-for) have no standard-ops form yet")
+
+
+def _levels(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4:
+        raise UsageError(f"invalid {what} {value}: give a number of levels from 1 to 4")
+    return value
+
+
+def _bits_pair(text) -> tuple[int, int]:
+    """`KWxKA`, e.g. 2x2."""
+    kw, sep, ka = str(text).partition("x")
+    try:
+        pair = (int(kw), int(ka))
+    except ValueError:
+        pair = (0, 0)
+    if not sep or not all(1 <= v <= 4 for v in pair):
+        raise UsageError(f"invalid --bits-for levels '{text}': expected KWxKA with levels 1..4, like 2x2")
+    return pair
 
 
 @dataclass

@@ -413,7 +413,7 @@ def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list
         from .passes import binarize
 
         options = groups[opt.BinarizeOptions]
-        steps = [Pass("binarize", lambda m: binarize.rules(options), select, progress)]
+        steps = [Pass("binarize", lambda m: binarize.rules(options), select, progress, options.patterns)]
         if recover.calibration is not None:
             steps.append(Refit(recover.calibration))
     elif command == "prune":

@@ -39,7 +39,7 @@ def _binarized(path):
 
 
 TORCH_CASES = [MODELS / "cnn.onnx", MODELS / "mlp.onnx", MODELS / "token_mlp.onnx", MODELS / "tiny_vit.onnx",
-               *sorted(DATA.glob("*.onnx")), "binarized cnn", "factored cnn"]
+               *sorted(DATA.glob("*.onnx")), "binarized cnn", "factored cnn", "multi-bit cnn"]
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: getattr(c, "name", c))
@@ -49,6 +49,9 @@ def test_torch_graph_computes_what_onnxruntime_computes(case):
     far more)."""
     if case == "binarized cnn":
         model = _binarized(MODELS / "cnn.onnx")
+    elif case == "multi-bit cnn":
+        model = api.binarize(MODELS / "cnn.onnx", stage="transform", skip=["first_conv"], weight_bits=2,
+                             activation_bits=3)[0]
     elif case == "factored cnn":
         model = api.factor(MODELS / "cnn.onnx", rank="0.5", conv_mode="tucker")[0]
     else:
@@ -215,3 +218,11 @@ def test_prune_then_finetune_then_binarize(tmp_path, unlabeled):
     assert tuned.check["score"]["candidate"] > plain.check["score"]["candidate"] + 0.03
     model, report = api.binarize(out, skip=["first_conv"])
     assert [n.op_type for n in model.graph.node].count("BitConv") == 2
+
+
+def test_multibit_finetune(unlabeled):
+    """2x2 bits, 3 epochs on 2,000 unlabeled images: 0.947 held out (no recovery 0.935)."""
+    _, report = api.binarize(MODELS / "cnn.onnx", skip=["first_conv"], weight_bits=2, activation_bits=2,
+                             finetune=unlabeled["cnn"], data=MODELS / "cnn_test.npz")
+    assert report.check["score"]["candidate"] >= 0.94
+    assert report.finetune["loss_after"] < report.finetune["loss_before"]

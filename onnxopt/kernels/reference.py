@@ -37,3 +37,51 @@ def binary_conv(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, bias: np.ndarra
     out = (sums * alpha.astype(np.float32) + bias.astype(np.float32)).transpose(0, 3, 1, 2)
     out = np.ascontiguousarray(out, dtype=np.float32)
     return out[:, :, 0, :] if g.spatial_rank == 1 else out
+
+
+def residual_planes(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Residual binarization of v over each slice along axis 0 (an output channel of a weight, a sample of an
+    activation): R1 = v; s_i = mean |R_i|, B_i = b(R_i), R_(i+1) = R_i − s_i·B_i. Returns (B [levels, *v.shape],
+    s [levels, len(v)]), in float32 as the kernels compute them."""
+    r = v.astype(np.float32, copy=True)
+    planes, scales = [], []
+    axes = tuple(range(1, v.ndim))
+    for _ in range(levels):
+        s = np.abs(r).mean(axis=axes, dtype=np.float32).astype(np.float32)
+        b = sign(r)
+        planes.append(b)
+        scales.append(s)
+        r = r - s.reshape((-1,) + (1,) * len(axes)) * b
+    return np.stack(planes), np.stack(scales)
+
+
+def multibit_weight(w: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Σ_i alpha[i, o] · B_i[o]: the weight's bit planes (from the residual procedure on W) at the stored scales
+    (initially the residual means; refit and training move them). Kw = 1: α·b(W), BinaryConv's weight."""
+    planes, _ = residual_planes(w, len(alpha))
+    return np.einsum("lo,lo...->o...", alpha.astype(np.float64), planes.astype(np.float64))
+
+
+def multibit_activation(x: np.ndarray, levels: int) -> np.ndarray:
+    """Ka = 1: b(X) with no scale (BinaryConv's input); Ka > 1: Σ_i s_i·B_i, the scales per sample."""
+    if levels == 1:
+        return sign(x).astype(np.float64)
+    planes, scales = residual_planes(x, levels)
+    return np.einsum("ln,ln...->n...", scales.astype(np.float64), planes.astype(np.float64))
+
+
+def multibit_conv(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, bias: np.ndarray, geometry: np.ndarray):
+    """MultibitConv: Conv(approx(X), approx(W)) + bias with zero padding, computed in float64 from the
+    approximations themselves (the oracle for the bit-serial kernel)."""
+    from ..convgeom import im2col
+
+    g = Geometry.decode(geometry[:11])
+    xa, wa = multibit_activation(x, int(geometry[11])), multibit_weight(w, alpha)
+    x4 = xa[:, :, None, :] if g.spatial_rank == 1 else xa
+    w4 = wa[:, :, None, :] if g.spatial_rank == 1 else wa
+    n, o = len(x4), len(w4)
+    _, _, oh, ow = g.resolve(x4.shape[2], x4.shape[3], w4.shape[2], w4.shape[3])
+    cols = im2col(x4, w4.shape[2:], g)
+    out = (cols @ w4.reshape(o, -1).T + bias.astype(np.float64)).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    return out[:, :, 0, :] if g.spatial_rank == 1 else out

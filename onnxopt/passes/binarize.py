@@ -14,7 +14,9 @@ from .. import ops
 from ..convgeom import Geometry
 from ..model import node_attributes as _attrs
 from ..options import BinarizeOptions
+from ..kernels.reference import residual_planes
 from ..report import LayerReport
+from ..select import layer_paths, matches
 from . import GraphContext, Rewrite, Rule
 
 
@@ -60,18 +62,26 @@ class ConvRule(Rule):
         w = ctx.constant(node.input[1])
         o = w.shape[0]
         bias = ctx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(o, np.float32)
-        geometry = Geometry.from_conv(_attrs(node), spatial_rank=w.ndim - 2, channels=w.shape[1])
-        alpha = ctx.initializer(f"{name}/binary_alpha", scale_for(w, self.options.scale))
+        geometry = Geometry.from_conv(_attrs(node), spatial_rank=w.ndim - 2, channels=w.shape[1]).encode()
+        paths = layer_paths(node)
+        kw, ka = next((b for p, b in self.options.bits_overrides if matches(name, p, paths)), self.options.bits)
+        op_type = ops.BINARY_CONV
+        scales = scale_for(w, self.options.scale)
+        if (kw, ka) != (1, 1):  # residual levels: the per-channel means of each residual are the initial scales
+            op_type, scales = ops.MULTIBIT_CONV, residual_planes(w, kw)[1].astype(np.float32)
+            geometry = np.append(geometry, ka).astype(np.int64)
+        alpha = ctx.initializer(f"{name}/binary_alpha", scales)
         b = ctx.initializer(f"{name}/binary_bias", bias.astype(np.float32).reshape(o))
-        geo = ctx.initializer(f"{name}/binary_geometry", geometry.encode())
-        new = helper.make_node(ops.BINARY_CONV, [node.input[0], node.input[1], alpha.name, b.name, geo.name],
+        geo = ctx.initializer(f"{name}/binary_geometry", geometry)
+        new = helper.make_node(op_type, [node.input[0], node.input[1], alpha.name, b.name, geo.name],
                                list(node.output), name=node.name or ctx.fresh(name), domain=ops.DOMAIN)
         warnings = []
         if node.input[0] in {i.name for i in ctx.model.graph.input}:
             warnings.append(f"{name} reads graph input '{node.input[0]}' directly: binarizing raw inputs loses "
                             f"most of their information (keep it float with --skip)")
         nbytes = w.size * 4
-        layer = LayerReport(name=name, op_type="Conv", shape="x".join(map(str, w.shape)), action="binarized",
+        action = "binarized" if (kw, ka) == (1, 1) else f"binarized {kw}x{ka} bits"
+        layer = LayerReport(name=name, op_type="Conv", shape="x".join(map(str, w.shape)), action=action,
                             params_before=int(w.size), params_after=int(w.size), bytes_before=nbytes,
                             bytes_after=nbytes)
         return Rewrite(nodes=[new], initializers=[alpha, b, geo], layer=layer, warnings=warnings,

@@ -21,8 +21,8 @@ from . import GraphContext, Rewrite, Rule
 from .emulate import MARKER, emulated_parts
 
 
-def _checked(name: str, w, alpha, bias, geometry) -> None:
-    problem = ops.constants_problem(ops.BINARY_CONV, w, alpha, bias, geometry)
+def _checked(name: str, w, alpha, bias, geometry, op_type: str = ops.BINARY_CONV) -> None:
+    problem = ops.constants_problem(op_type, w, alpha, bias, geometry)
     if problem:
         raise OnnxoptError(f"cannot lower '{name}': {problem}")
 
@@ -38,8 +38,25 @@ class BinaryConvRule(Rule):
 
     def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
         name = ctx.name_of(node)
-        _checked(name, *(ctx.constant(t) for t in node.input[1:]))
-        return to_bitconv(node, name, ctx)
+        _checked(name, *(ctx.constant(t) for t in node.input[1:]), op_type=node.op_type)
+        return to_multibit(node, name, ctx) if node.op_type == ops.MULTIBIT_CONV else to_bitconv(node, name, ctx)
+
+
+def to_multibit(node: onnx.NodeProto, name: str, ctx: GraphContext) -> Rewrite:
+    """MultibitConv → MultibitBitConv: the Kw bit planes of the residual binarization of W, each packed as the
+    1-bit kernel packs a weight, side by side along the output channels (Kw bits per weight)."""
+    from ..kernels.reference import residual_planes
+
+    w, alpha = ctx.constant(node.input[1]), ctx.constant(node.input[2])
+    planes, _ = residual_planes(w[:, :, None, :] if w.ndim == 3 else w, len(alpha))
+    bits = np.concatenate([pack_weights(p) for p in planes], axis=3)
+    packed = ctx.initializer(f"{name}/bit_weights", bits)
+    new = helper.make_node(ops.MULTIBIT_BIT_CONV, [node.input[0], packed.name, *node.input[2:]], list(node.output),
+                           name=node.name or ctx.fresh(name), domain=ops.DOMAIN)
+    layer = LayerReport(name=name, op_type=node.op_type, shape="x".join(map(str, w.shape)), action="lowered",
+                        params_before=int(w.size), params_after=int(w.size), bytes_before=int(w.size) * 4,
+                        bytes_after=int(bits.nbytes))
+    return Rewrite(nodes=[new], initializers=[packed], layer=layer, opsets={ops.DOMAIN: ops.OPSET})
 
 
 def to_bitconv(node: onnx.NodeProto, name: str, ctx: GraphContext) -> Rewrite:
@@ -98,4 +115,5 @@ class EmulatedRule(Rule):
 
 
 def rules() -> dict:
-    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvRule(), ("", "Add"): EmulatedRule()}
+    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvRule(), (ops.DOMAIN, ops.MULTIBIT_CONV): BinaryConvRule(),
+            ("", "Add"): EmulatedRule()}

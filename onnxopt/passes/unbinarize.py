@@ -19,10 +19,10 @@ class BinaryConvToFloat(Rule):
         geometry = ctx.constant(node.input[4]) if len(node.input) == 5 else None
         if geometry is None:
             return "geometry is not a constant"
-        return geometry_problem(geometry)
+        return geometry_problem(geometry[:11])  # a multi-bit op's geometry ends with its activation levels
 
     def rewrite(self, node: onnx.NodeProto, ctx: GraphContext) -> Rewrite:
-        g = Geometry.decode(ctx.constant(node.input[4]))
+        g = Geometry.decode(ctx.constant(node.input[4])[:11])
         conv = helper.make_node("Conv", [node.input[0], node.input[1], node.input[3]], list(node.output),
                                 name=node.name, **g.conv_attributes())
         return Rewrite(nodes=[conv], initializers=[], layer=LayerReport(name=ctx.name_of(node), op_type=node.op_type,
@@ -30,4 +30,4 @@ class BinaryConvToFloat(Rule):
 
 
 def rules() -> dict:
-    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvToFloat()}
+    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvToFloat(), (ops.DOMAIN, ops.MULTIBIT_CONV): BinaryConvToFloat()}

@@ -45,7 +45,8 @@ class CustomOpShapes:
             if ops.is_custom(node) and node.op_type in ops.OP_TYPES:
                 w, geometry = constants.get(node.input[1]), constants.get(node.input[4])
                 self.layers.append((node.name, node.op_type, node.input[0], w, geometry))
-                node.CopyFrom(_conv_stand_in(node, w, geometry, twin.graph))
+                out_channels = np.shape(constants.get(node.input[2]))[-1]  # α: [O], or [levels, O] for multi-bit
+                node.CopyFrom(_conv_stand_in(node, w, geometry, out_channels, twin.graph))
         self.twin = twin
         self._checked: set[tuple] = set()
 
@@ -73,11 +74,12 @@ class CustomOpShapes:
                 if vi.type.tensor_type.HasField("shape")}
 
 
-def _conv_stand_in(node: onnx.NodeProto, w: np.ndarray, geometry: np.ndarray, graph) -> onnx.NodeProto:
+def _conv_stand_in(node: onnx.NodeProto, w: np.ndarray, geometry: np.ndarray, out_channels: int,
+                   graph) -> onnx.NodeProto:
     """A float Conv with the op's geometry and a weight of the right shape (declared as a graph input:
     inference needs its shape only)."""
-    g = Geometry.decode(geometry)
-    out_channels, kh, kw = ops.kernel_shape(node.op_type, w)
+    g = Geometry.decode(geometry[:11])
+    _, kh, kw = ops.kernel_shape(node.op_type, w)
     shape = [out_channels, g.channels] + ([kh, kw] if g.spatial_rank == 2 else [kw])
     weight = f"{node.name or node.output[0]}/shape_stand_in"
     graph.input.append(onnx.helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, shape))

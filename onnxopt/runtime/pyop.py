@@ -2,6 +2,8 @@
 
 - BinaryConv (trainable form): the float emulation (kernels.reference).
 - BitConv (lowered form): the numba bit-packed kernel (kernels.bitconv).
+- MultibitConv / MultibitBitConv: the same pair for residual multi-bit binarization (kernels.reference,
+  kernels.multibit).
 
 Nothing happens at import: `register()` (called by `runtime.session_options`) declares the ops once per
 process (onnxruntime-extensions refuses a second declaration of the same op type) and installs the
@@ -35,6 +37,21 @@ def _bit_conv(x, w_packed, alpha, bias, geometry):
     _compile_notice(bitconv)
     x4 = x[:, :, None, :] if geometry[0] == 1 else x
     out = bitconv.bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
+    return out[:, :, 0, :] if geometry[0] == 1 else out
+
+
+def _multibit_conv(x, w, alpha, bias, geometry):
+    from ..kernels import reference
+
+    return reference.multibit_conv(x, w, alpha, bias, geometry)
+
+
+def _multibit_bit_conv(x, w_packed, alpha, bias, geometry):
+    from ..kernels import bitconv, multibit
+
+    _compile_notice(bitconv)
+    x4 = x[:, :, None, :] if geometry[0] == 1 else x
+    out = multibit.multibit_bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
     return out[:, :, 0, :] if geometry[0] == 1 else out
 
 
@@ -100,7 +117,9 @@ def register() -> str:
         if _library_path is None:
             from onnxruntime_extensions import PyCustomOpDef, PyOp, get_library_path, onnx_op
 
-            signatures = {ops.BINARY_CONV: (PyOp.dt_float, _binary_conv), ops.BIT_CONV: (PyOp.dt_uint64, _bit_conv)}
+            signatures = {ops.BINARY_CONV: (PyOp.dt_float, _binary_conv), ops.BIT_CONV: (PyOp.dt_uint64, _bit_conv),
+                          ops.MULTIBIT_CONV: (PyOp.dt_float, _multibit_conv),
+                          ops.MULTIBIT_BIT_CONV: (PyOp.dt_uint64, _multibit_bit_conv)}
             for op_type, (weight_type, body) in signatures.items():
                 declared = onnx_op(op_type=f"{ops.DOMAIN}::{op_type}",
                                    inputs=[PyOp.dt_float, weight_type, PyOp.dt_float, PyOp.dt_float, PyOp.dt_int64],

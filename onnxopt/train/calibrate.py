@@ -82,6 +82,8 @@ def refit_binary(model: onnx.ModelProto, feeds) -> onnx.ModelProto:
     fitted = copy_model(model)
     reference_model = apply_rules(model, unbinarize.rules(), command="unbinarize")[0]
     inits = {t.name: t for t in fitted.graph.initializer}
+    for node in [n for n in fitted.graph.node if ops.is_custom(n, ops.MULTIBIT_CONV)]:
+        _refit_multibit(node, fitted, reference_model, feeds)
     layers = [n for n in fitted.graph.node if ops.is_custom(n, ops.BINARY_CONV)]
     for node in layers:
         x_name, w_name, a_name, b_name, g_name = node.input
@@ -104,6 +106,32 @@ def refit_binary(model: onnx.ModelProto, feeds) -> onnx.ModelProto:
         inits[b_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), b_name))
     return fitted
 
+
+
+def _refit_multibit(node, fitted: onnx.ModelProto, reference_model: onnx.ModelProto, feeds) -> None:
+    """Per output channel, the Kw level scales and the bias by least squares: the float layer's output
+    y_o ≈ Σ_i α_io·Conv(approx(X), B_i)_o + b_o, with the bit planes B_i of W held as they are."""
+    inits = {t.name: t for t in fitted.graph.initializer}
+    x_name, w_name, a_name, b_name, g_name = node.input
+    w, alpha, geometry = (numpy_helper.to_array(inits[n]) for n in (w_name, a_name, g_name))
+    levels, o = alpha.shape
+    normal, right = np.zeros((o, levels + 1, levels + 1)), np.zeros((o, levels + 1))
+    targets = activations(reference_model, feeds, [node.output[0]])
+    for acts, target in zip(activations(fitted, feeds, [x_name]), targets):
+        parts = []
+        for i in range(levels):  # the layer's output from level i alone, at scale 1
+            one = np.zeros_like(alpha)
+            one[i] = 1
+            parts.append(reference.multibit_conv(acts[x_name], w, one, np.zeros(o, np.float32), geometry))
+        z = np.stack(parts + [np.ones_like(parts[0])], axis=-1).astype(np.float64)  # (N, O, ..., L+1)
+        z = np.moveaxis(z, 1, 0).reshape(o, -1, levels + 1)
+        y = np.moveaxis(target[node.output[0]], 1, 0).reshape(o, -1).astype(np.float64)
+        normal += np.einsum("onl,onm->olm", z, z)
+        right += np.einsum("onl,on->ol", z, y)
+    ridge = 1e-9 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(levels + 1)
+    solved = np.linalg.solve(normal + ridge, right[..., None])[..., 0]
+    inits[a_name].CopyFrom(numpy_helper.from_array(solved[:, :levels].T.astype(np.float32).copy(), a_name))
+    inits[b_name].CopyFrom(numpy_helper.from_array(solved[:, levels].astype(np.float32), b_name))
 
 
 def input_grams(model: onnx.ModelProto, feeds, layers) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from ..convgeom import Geometry
-from ..ops import BINARY_CONV, DOMAIN
+from ..ops import BINARY_CONV, DOMAIN, MULTIBIT_CONV
 
 OpFunction = Callable[..., "list[torch.Tensor] | torch.Tensor"]
 OPS: dict[tuple[str, str], OpFunction] = {}
@@ -32,7 +32,7 @@ OPS: dict[tuple[str, str], OpFunction] = {}
 PARAMETER_INPUTS: dict[str, set[int]] = {
     "Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {0, 1, 2}, "MatMul": {0, 1}, "Einsum": set(range(8)),
     "BatchNormalization": {1, 2}, "LayerNormalization": {1, 2}, "InstanceNormalization": {1, 2},
-    "Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "PRelu": {1}, BINARY_CONV: {1, 2, 3},
+    "Add": {0, 1}, "Sub": {0, 1}, "Mul": {0, 1}, "PRelu": {1}, BINARY_CONV: {1, 2, 3}, MULTIBIT_CONV: {1, 2, 3},
 }
 
 
@@ -457,9 +457,48 @@ class SignSTE(torch.autograd.Function):
         return grad * (v.abs() <= 1).to(grad.dtype)
 
 
+def _planes(v: torch.Tensor, levels: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """kernels.reference.residual_planes in torch, without gradient: bit planes and scales per slice of axis 0."""
+    with torch.no_grad():
+        r, planes, scales = v, [], []
+        for _ in range(levels):
+            s = r.abs().mean(dim=tuple(range(1, v.dim())), keepdim=True)
+            b = torch.where(r > 0, 1.0, -1.0).to(v.dtype)
+            planes.append(b)
+            scales.append(s)
+            r = r - s * b
+    return planes, scales
+
+
+def _clipped(v: torch.Tensor, value: torch.Tensor, limit: int) -> torch.Tensor:
+    """`value` forward; backward the identity where |v| <= limit (netopt's Multibit: the number of levels)."""
+    return value.detach() + (v - v.detach()) * (v.detach().abs() <= limit).to(v.dtype)
+
+
+@op(MULTIBIT_CONV, domain=DOMAIN)
+def _multibit_conv(n, x, w, alpha, bias, geometry):
+    """Conv(approx(X), Σ α_i·B_i(W)) + bias, as kernels.reference.multibit_conv; α trains through its planes."""
+    levels_x = int(geometry[11])
+    planes, _ = _planes(w, len(alpha))
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    wa = sum(a.view(shape) * p for a, p in zip(alpha, planes))
+    wa = wa + (w - w.detach()) * (w.detach().abs() <= len(alpha)).to(w.dtype)
+    if levels_x == 1:
+        xa = SignSTE.apply(x)
+    else:
+        bits, scales = _planes(x, levels_x)
+        xa = _clipped(x, sum(s * b for s, b in zip(scales, bits)), levels_x)
+    return _padded_conv(xa, wa, alpha.new_ones(w.shape[0]), bias, geometry[:11])
+
+
 @op(BINARY_CONV, domain=DOMAIN)
 def _binary_conv(n, x, w, alpha, bias, geometry):
     """α·Conv(b(X), b(W)) + bias with zero padding after b() (kernels/reference.py is the same in numpy)."""
+    return _padded_conv(SignSTE.apply(x), SignSTE.apply(w), alpha, bias, geometry)
+
+
+def _padded_conv(x, w, alpha, bias, geometry):
+    """α·Conv(x, w) + bias with the op's geometry, zero padding (of the already binarized input)."""
     g = Geometry.decode(geometry.numpy())
     one_d = g.spatial_rank == 1
     x4, w4 = (x.unsqueeze(2), w.unsqueeze(2)) if one_d else (x, w)
@@ -468,8 +507,8 @@ def _binary_conv(n, x, w, alpha, bias, geometry):
     pt, pl, oh, ow = g.resolve(h, wd, kh, kw)
     span_h = (oh - 1) * g.strides[0] + (kh - 1) * g.dilations[0] + 1
     span_w = (ow - 1) * g.strides[1] + (kw - 1) * g.dilations[1] + 1
-    xb = F.pad(SignSTE.apply(x4), (pl, max(span_w - wd - pl, 0), pt, max(span_h - h - pt, 0)))
-    y = F.conv2d(xb, SignSTE.apply(w4), None, stride=g.strides, dilation=g.dilations)[:, :, :oh, :ow]
+    xb = F.pad(x4, (pl, max(span_w - wd - pl, 0), pt, max(span_h - h - pt, 0)))
+    y = F.conv2d(xb, w4, None, stride=g.strides, dilation=g.dilations)[:, :, :oh, :ow]
     y = y * alpha.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     return y[:, :, 0, :] if one_d else y
 
