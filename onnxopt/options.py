@@ -246,9 +246,6 @@ class BinarizeOptions:
         self.bits = (_levels(self.weight_bits, "--weight-bits"), _levels(self.activation_bits, "--activation-bits"))
         self.bits_overrides = [(p, _bits_pair(v)) for p, v in _pairs(self.bits_for, "--bits-for")]
         self.patterns = tuple(("--bits-for", p) for p, _ in self.bits_overrides)
-        if self.emulate and (self.bits != (1, 1) or self.bits_overrides):
-            raise UsageError("--emulate writes 1-bit layers only: multi-bit layers (--weight-bits, "
-                             "--activation-bits, --bits-for) have no standard-ops form yet")
 
 
 def _levels(value, what: str) -> int:

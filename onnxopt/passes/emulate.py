@@ -52,8 +52,85 @@ class BinaryConvToStandard(Rule):
         return Rewrite(nodes=nodes, initializers=[ones, minus, zero, shape], layer=layer)
 
 
+MULTIBIT_MARKER = "onnxopt:emulated MultibitConv"
+
+
+class _Emitter:
+    """Nodes with fresh names under one layer's prefix."""
+
+    def __init__(self, ctx: GraphContext, name: str):
+        self.ctx, self.name, self.nodes, self.inits = ctx, name, [], []
+        self.opset = next((o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    def const(self, base: str, value) -> str:
+        t = self.ctx.initializer(f"{self.name}/emulate_{base}", np.asarray(value))
+        self.inits.append(t)
+        return t.name
+
+    def __call__(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.ctx.fresh(f"{self.name}/emulate_{op.lower()}")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.ctx.fresh(out), **attrs))
+        return out
+
+    def mean_abs(self, x: str, axes: list[int]) -> str:
+        """ReduceMean(|x|) over `axes`, keepdims (axes an input from opset 18, an attribute before)."""
+        if self.opset >= 18:
+            return self("ReduceMean", [self("Abs", [x]), self.const("axes", np.array(axes, np.int64))])
+        return self("ReduceMean", [self("Abs", [x])], axes=axes)
+
+    def residual(self, x: str, levels: int, axes: list[int], plus: str, minus: str, zero: str):
+        """The bit planes B_i and the means s_i of the residual binarization of x (kernels.reference)."""
+        planes, scales, r = [], [], x
+        for _ in range(levels):
+            s = self.mean_abs(r, axes)
+            b = self("Where", [self("Greater", [r, zero]), plus, minus])
+            planes.append(b)
+            scales.append(s)
+            r = self("Sub", [r, self("Mul", [s, b])])
+        return planes, scales
+
+
+class MultibitToStandard(Rule):
+    """MultibitConv in standard ops: the residual binarization of X (per sample) and of W (per output channel,
+    at the stored scales α) written out, then Conv + bias. Training W and α through it needs a straight-through
+    gradient, which standard ops do not give (Where has none): it is for inspection and other runtimes, and
+    `lower` does not read it back."""
+
+    def check(self, node, ctx):
+        geometry = ctx.constant(node.input[4]) if len(node.input) == 5 else None
+        return "geometry is not a constant" if geometry is None else geometry_problem(geometry[:11])
+
+    def rewrite(self, node, ctx):
+        name = ctx.name_of(node)
+        x, w, alpha, bias, geometry = node.input
+        geo = ctx.constant(geometry)
+        g, levels_x, levels_w = Geometry.decode(geo[:11]), int(geo[11]), len(ctx.constant(alpha))
+        e = _Emitter(ctx, name)
+        plus, minus, zero = (e.const(k, np.array(v, np.float32)) for k, v in (("one", 1), ("minus_one", -1),
+                                                                              ("zero", 0)))
+        axes = list(range(1, g.spatial_rank + 2))
+        w_planes, _ = e.residual(w, levels_w, axes, plus, minus, zero)
+        shape = e.const("channel_shape", np.array([-1] + [1] * (g.spatial_rank + 1), np.int64))
+        terms = [e("Mul", [p, e("Reshape", [e("Gather", [alpha, e.const("level", np.array(i, np.int64))], axis=0),
+                                            shape])]) for i, p in enumerate(w_planes)]
+        w_approx = terms[0] if len(terms) == 1 else e("Sum", terms)
+        x_planes, x_scales = e.residual(x, levels_x, axes, plus, minus, zero)
+        if levels_x == 1:
+            x_approx = x_planes[0]
+        else:
+            parts = [e("Mul", [s, b]) for s, b in zip(x_scales, x_planes)]
+            x_approx = e("Sum", parts)
+        conv = e("Conv", [x_approx, w_approx], **g.conv_attributes())
+        bias_shape = e.const("bias_shape", np.array([1, -1] + [1] * g.spatial_rank, np.int64))
+        e.nodes.append(helper.make_node("Add", [conv, e("Reshape", [bias, bias_shape])], list(node.output),
+                                        name=node.name or name, doc_string=MULTIBIT_MARKER))
+        return Rewrite(nodes=e.nodes, initializers=e.inits, layer=LayerReport(name=name, op_type=node.op_type,
+                                                                              action="emulated"))
+
+
 def rules() -> dict:
-    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvToStandard()}
+    return {(ops.DOMAIN, ops.BINARY_CONV): BinaryConvToStandard(),
+            (ops.DOMAIN, ops.MULTIBIT_CONV): MultibitToStandard()}
 
 
 def emulated_parts(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict | None:
