@@ -83,6 +83,17 @@ def model_flops(model: onnx.ModelProto) -> tuple[int, int]:
     return sum(f or 0 for f in flops), sum(f is None for f in flops)
 
 
+def _custom_kind(node, ctx) -> str:
+    """What a com.onnxopt layer is: 1-bit or its levels (weights x activations), trainable or lowered."""
+    form = "lowered" if node.op_type in ops.PACKED else "trainable"
+    bits = "1-bit"
+    if node.op_type in (ops.MULTIBIT_CONV, ops.MULTIBIT_BIT_CONV):
+        alpha, geometry = ctx.constant(node.input[2]), ctx.constant(node.input[4])
+        if alpha is not None and geometry is not None and alpha.ndim == 2 and len(geometry) == 12:
+            bits = f"{len(alpha)}x{int(geometry[11])}-bit"
+    return f"{bits}, {form} ({node.op_type})"
+
+
 def inspect_model(source: onnx.ModelProto) -> dict:
     ctx = GraphContext(source)
     # a rule's check does not depend on its options (rank, scale): any valid options give the same verdicts
@@ -105,8 +116,7 @@ def inspect_model(source: onnx.ModelProto) -> dict:
         if node.op_type == "Conv" and row["factor"] == "yes" and w is not None:
             row["factor"] = f"yes: {'/'.join(_conv_modes(node, w))}"
         if custom or node.op_type in INT8_OPS or stored:
-            done = "1-bit, lowered (BitConv)" if node.op_type == ops.BIT_CONV else \
-                "1-bit, trainable (BinaryConv)" if node.op_type == ops.BINARY_CONV else "int8"
+            done = _custom_kind(node, ctx) if custom else "int8"
             row.update(factor=f"no: already {done}", binarize=f"no: already {done}", stored=done)
         layers.append(row)
     layers += _subgraph_layers(source, passes)

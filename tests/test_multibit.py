@@ -112,3 +112,39 @@ def test_emulated_form_in_standard_ops():
     diff, scale = np.abs(got - want), np.abs(want).max()
     assert np.median(diff) <= 1e-5 * scale and diff.max() <= 1e-2 * scale
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.98
+
+
+def _conv_bn_model() -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, x = [], [], "x"
+    for i, (cin, cout) in enumerate([(8, 16), (16, 16)]):
+        params = {f"w{i}": rng.normal(size=(cout, cin, 3, 3)), f"s{i}": rng.uniform(0.5, 2, cout),
+                  f"b{i}": rng.normal(size=cout), f"m{i}": rng.normal(size=cout), f"v{i}": rng.uniform(0.5, 2, cout)}
+        inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"],
+                                   name=f"bn{i}")]
+        x = f"n{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 10, 10])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [2, 16, 10, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_batchnorm_folds_into_multibit_layers():
+    """A BatchNormalization after a lowered 2x2-bit conv is folded into its level scales and bias; outputs as with
+    --keep-batchnorm up to float32 rounding."""
+    from onnxopt import runtime
+
+    source = _conv_bn_model()
+    kept, _ = api.binarize(source, weight_bits=2, activation_bits=2, keep_batchnorm=True)
+    folded, report = api.binarize(source, weight_bits=2, activation_bits=2)
+    bn = lambda m: sum(n.op_type == "BatchNormalization" for n in m.graph.node)  # noqa: E731
+    assert bn(kept) == 2 and bn(folded) == 0
+    feeds = runtime.random_feeds(source, 2)
+    a, b = runtime.run(kept, feeds), runtime.run(folded, feeds)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= 1e-4 * np.abs(a[name]).max()

@@ -1,4 +1,5 @@
-"""fold: a BatchNormalization right after a BitConv becomes part of the BitConv's α and bias.
+"""fold: a BatchNormalization right after a BitConv (or MultibitBitConv: every level's α) becomes part of its α and
+bias.
 
 BN(y) = (y − mean)·s + B with s = scale / √(var + ε), and BitConv's y = α·Σ + bias, so
 BN(y) = (α·s)·Σ + ((bias − mean)·s + B): one node instead of two, and no pass over the output.
@@ -24,7 +25,7 @@ def _readers(graph: onnx.GraphProto, tensor: str) -> int:
 class BatchNormRule(Rule):
     def applies(self, node: onnx.NodeProto, ctx: GraphContext) -> bool:
         producer = ctx.producers.get(node.input[0])
-        return producer is not None and ops.is_custom(producer, ops.BIT_CONV)
+        return producer is not None and ops.is_custom(producer) and producer.op_type in ops.PACKED
 
     def check(self, node: onnx.NodeProto, ctx: GraphContext) -> str | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -45,17 +46,17 @@ class BatchNormRule(Rule):
         conv = ctx.producers[node.input[0]]
         epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         scale, shift, mean, var = (ctx.constant(t).astype(np.float64).reshape(-1) for t in node.input[1:5])
-        alpha = ctx.constant(conv.input[2]).astype(np.float64).reshape(-1)
+        alpha = ctx.constant(conv.input[2]).astype(np.float64)  # [O], or [levels, O] for a multi-bit layer
         bias = ctx.constant(conv.input[3]).astype(np.float64).reshape(-1)
         with np.errstate(all="ignore"):
             s = scale / np.sqrt(var + epsilon)
             folded_alpha, folded_bias = alpha * s, (bias - mean) * s + shift
-        if not np.isfinite(np.concatenate([folded_alpha, folded_bias]).astype(np.float32)).all():
+        if not np.isfinite(np.concatenate([folded_alpha.reshape(-1), folded_bias]).astype(np.float32)).all():
             raise Declined("folding would give BitConv non-finite alpha or bias")
         name = ctx.name_of(conv)
         new_alpha = ctx.initializer(f"{name}/folded_alpha", folded_alpha.astype(np.float32))
         new_bias = ctx.initializer(f"{name}/folded_bias", folded_bias.astype(np.float32))
-        folded = helper.make_node(ops.BIT_CONV, [conv.input[0], conv.input[1], new_alpha.name, new_bias.name,
+        folded = helper.make_node(conv.op_type, [conv.input[0], conv.input[1], new_alpha.name, new_bias.name,
                                               conv.input[4]], [node.output[0]], name=conv.name, domain=ops.DOMAIN)
         layer = LayerReport(name=ctx.name_of(node), op_type=node.op_type, shape=str(len(s)), action="folded",
                             reason=f"into BitConv '{name}'")
