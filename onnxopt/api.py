@@ -100,6 +100,44 @@ def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None 
     return pipeline.run_recipe(source, loaded, save, protected=protected, progress=progress)
 
 
+def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1,
+          keep_best=None, report=None, latency: bool = True, progress: Progress | None = None):
+    """Every combination of `grid` (["factor.rank=0.3,0.5", ...]) run as the pipeline would, scored on `data`
+    against the input model, with size, FLOPs and latency and the Pareto front (sweep.py). `keep_best`: a folder
+    for the front's models; `report`: an HTML file with the table and charts (needs matplotlib)."""
+    from pathlib import Path
+
+    from . import sweep as sweeps
+    from .model import check_output
+
+    axes = sweeps.parse_grid(list(grid))  # usage errors before any work
+    base = None
+    if recipe is not None:
+        from . import recipe as recipes
+
+        base = recipes.load(recipe).steps
+    if jobs < 1:
+        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
+    if report is not None:
+        check_output(report, force=True)
+    source, _ = _source(model)
+    result = sweeps.sweep(source, data, axes, base=base, labels=labels, jobs=jobs, latency=latency,
+                          progress=progress)
+    if keep_best is not None:
+        folder = Path(keep_best)
+        folder.mkdir(parents=True, exist_ok=True)
+        from .model import save_model
+
+        for i, row in enumerate(r for r in result.rows if r["front"]):
+            row["path"] = str(save_model(onnx.load_model_from_string(row["model"]), folder / f"front_{i}.onnx",
+                                         force=True))
+    if report is not None:
+        from .model import atomic_write_text
+
+        atomic_write_text(sweeps.html_report(result), report)
+    return result
+
+
 def inspect(model: Model, *, input_shape=()) -> dict:
     """{"layers": every layer a pass's registry knows (plain, transformed, lowered, int8; If/Loop bodies
     marked) with weight shape, params, FLOPs per sample (None where a size is unknown) and each pass's verdict,
@@ -153,5 +191,5 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "inspect", "run", "check",
-           "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "sweep", "inspect", "run",
+           "check", "compare", "OnnxoptError"]

@@ -154,6 +154,32 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
 
 
 @cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--data", required=True, metavar="DATA.npz", help="Held-out inputs (and labels) to score on.")
+@click.option("--grid", multiple=True, required=True, metavar="STEP.OPTION=V1,V2,...",
+              help="Values of one option of one step (repeatable); every combination is a candidate.")
+@click.option("--recipe", metavar="RECIPE.toml", help="The steps the grid varies (default: the grid's commands).")
+@click.option("--labels", metavar="KEY", help="Array in --data holding class labels (default: 'label' if present).")
+@click.option("--jobs", type=int, default=1, show_default=True, metavar="N", help="Candidates built in parallel.")
+@click.option("--keep-best", metavar="DIR", help="Write the Pareto front's models here (front_0.onnx, ...).")
+@click.option("--report", "report_path", metavar="FILE.html", help="A self-contained HTML page with the table and "
+                                                                 "charts (needs matplotlib: onnxopt[report]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def sweep(model_path, data, grid, recipe, labels, jobs, keep_best, report_path, as_json, quiet):
+    """Run every combination of --grid values as the pipeline would, and measure each against MODEL: score on
+    --data, file size, FLOPs, latency (alternating blocks, batch of 8); mark the Pareto front."""
+    import json
+
+    from . import api
+    from .sweep import table
+
+    result = api.sweep(model_path, data, grid, recipe=recipe, labels=labels, jobs=jobs, keep_best=keep_best,
+                       report=report_path, progress=_progress(quiet or as_json))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
+
+
+@cli.command()
 @click.argument("original", metavar="ORIGINAL", type=click.Path())
 @click.argument("transformed", metavar="TRANSFORMED", type=click.Path())
 @click.option("--data", required=True, metavar="DATA.npz", help="Training inputs keyed by input name.")

@@ -398,16 +398,28 @@ def unique_node_names(graph: onnx.GraphProto) -> list[str]:
 
 
 def atomic_save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike, *, force: bool = False) -> Path:
+    return _atomic_write(path, force, ".npz", lambda f: np.savez(f, **arrays))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike, *, force: bool = True) -> Path:
+    """A text file (an HTML report) written atomically, under the same rules as a model."""
+    return _atomic_write(path, force, ".tmp", lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path: str | os.PathLike, force: bool, suffix: str, write) -> Path:
     path = Path(path)
     _check_target(path, force, [])
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)
     except OSError as exc:
         raise OnnxoptError(f"{folder}: cannot write here ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file is the user's, as a plain open would make it
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

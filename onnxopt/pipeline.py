@@ -399,7 +399,7 @@ class ValidateCustomOps:
         return model, report
 
 
-def _rewrite_steps(command: str, groups: dict, progress, reference=None) -> list[Step]:
+def rewrite_steps(command: str, groups: dict, progress, reference=None) -> list[Step]:
     recover = groups.get(opt.RecoverOptions)
     select = groups.get(opt.SelectOptions)
     if command == "factor":
@@ -444,7 +444,7 @@ def _binarize_tail(options: opt.BinarizeOptions, lower: opt.LowerOptions, progre
 
 def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), progress=None) -> list[Step]:
     """The steps of `command` for these options (from `options.parse`)."""
-    steps = _rewrite_steps(command, groups, progress, reference=source)
+    steps = rewrite_steps(command, groups, progress, reference=source)
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
     steps += [Check(source, check), Gate(check, strict=save.strict)]
     if save.output is not None:
@@ -470,7 +470,7 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
     model = source
     for command, options in recipe.steps:
         groups = opt.parse(command, {**options, **recipe.gate})
-        model, step_report = run(model, _rewrite_steps(command, groups, progress, reference=source),
+        model, step_report = run(model, rewrite_steps(command, groups, progress, reference=source),
                                  Report(command=command))
         report.merge(step_report)
         report.recipe["steps"].append({"run": command, "layers_changed": len(step_report.changed),

@@ -1,0 +1,231 @@
+"""sweep: every combination of a grid of options, each run as the pipeline would run it, measured against the
+input model: score on --data (accuracy, or top-1 agreement), file size, float FLOPs, latency; the Pareto front
+(higher score, smaller file, lower latency) marked.
+
+    --grid STEP.OPTION=V1,V2,...   split at the first '=' (the option), then at ',' (the values); STEP names a
+                                   command (factor, binarize, prune, lower, quantize); values are typed as the CLI
+                                   types the option. Without --recipe, the steps are the grid's commands in the
+                                   order they first appear; with one, the grid sets options of the recipe's first
+                                   step of that command.
+
+Candidates are built and scored in a process pool (--jobs; each worker gets the model bytes and one candidate's
+steps). Latency is timed afterwards in this process, one candidate at a time against the input model in
+alternating blocks (measure.alternating_latency): timings taken while other candidates compute would measure the
+pool, not the model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from . import options as opt
+from .errors import UsageError
+
+
+@dataclass
+class Axis:
+    step: str
+    option: str
+    values: list
+
+
+def _typed(text: str, fld: dataclasses.Field, where: str) -> Any:
+    """A grid value as the CLI would parse it for this option."""
+    meta = fld.metadata
+    try:
+        if meta.get("repeat"):
+            return [text]
+        if fld.default is False:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if meta.get("kind") is int:
+            return int(text)
+        if meta.get("kind") is float:
+            return float(text)
+    except ValueError:
+        kind = "true or false" if fld.default is False else "an integer" if meta.get("kind") is int else "a number"
+        raise UsageError(f"{where}: value '{text}' is not {kind}") from None
+    return text
+
+
+def parse_grid(specs: list[str]) -> list[Axis]:
+    from .recipe import COMMANDS, STEP_EXCLUDED
+
+    axes = []
+    for spec in specs:
+        key, sep, values = str(spec).partition("=")
+        step, dot, option = key.partition(".")
+        where = f"--grid '{spec}'"
+        if not sep or not dot or not values:
+            raise UsageError(f"invalid {where}: expected STEP.OPTION=V1,V2,... (e.g. factor.rank=0.3,0.5)")
+        if step not in COMMANDS:
+            raise UsageError(f"{where}: '{step}' is not a command ({', '.join(COMMANDS)})")
+        fields = {f.name: f for cls in opt.COMMAND_OPTIONS[step] if cls not in STEP_EXCLUDED
+                  for f in dataclasses.fields(cls)}
+        if option not in fields:
+            raise UsageError(f"{where}: {step} has no option '{option}' (known: {', '.join(sorted(fields))})")
+        axes.append(Axis(step, option, [_typed(v, fields[option], where) for v in values.split(",")]))
+    if not axes:
+        raise UsageError("give at least one --grid STEP.OPTION=V1,V2,...")
+    return axes
+
+
+def candidates(axes: list[Axis], base: list[tuple[str, dict]] | None, gate: dict) -> list[dict]:
+    """Every combination: {"label": "factor.rank=0.3 binarize.activation_bits=2", "steps": [(command, options)]},
+    each validated as the command would validate it (a bad combination is a usage error naming it)."""
+    steps = base or [(step, {}) for step in dict.fromkeys(a.step for a in axes)]
+    index = {}
+    for a in axes:
+        position = next((i for i, (command, _) in enumerate(steps) if command == a.step), None)
+        if position is None:
+            raise UsageError(f"--grid {a.step}.{a.option}: the recipe has no {a.step} step")
+        index[(a.step, a.option)] = position
+    result = []
+    for combo in itertools.product(*(a.values for a in axes)):
+        chosen = copy.deepcopy(steps)
+        for a, value in zip(axes, combo):
+            chosen[index[(a.step, a.option)]][1][a.option] = value
+        label = " ".join(f"{a.step}.{a.option}={v[0] if isinstance(v, list) else v}" for a, v in zip(axes, combo)
+                         if len(a.values) > 1) or "the grid's one candidate"
+        for command, options in chosen:
+            try:
+                opt.parse(command, {**options, **gate})
+            except UsageError as exc:
+                raise UsageError(f"candidate '{label}': {exc}") from None
+        result.append({"label": label, "steps": chosen})
+    return result
+
+
+def _run_candidate(source_bytes: bytes, steps: list, gate: dict) -> dict:
+    """One candidate, in a worker: the steps, then score, size and FLOPs against the input model."""
+    from . import pipeline
+    from .inspection import model_flops
+    from .report import Report
+    from .runtime.measure import Scorer
+
+    source = onnx.load_model_from_string(source_bytes)
+    model = source
+    for command, options in steps:
+        groups = opt.parse(command, {**options, **gate})
+        model, _ = pipeline.run(model, pipeline.rewrite_steps(command, groups, None, reference=source),
+                                Report(command=command))
+    scorer = Scorer(source, gate["data"], gate.get("labels"))
+    score = scorer.drop(model)
+    return {"model": model.SerializeToString(), "score": score, "size": model.ByteSize(),
+            "flops": model_flops(model)[0]}
+
+
+@dataclass
+class SweepResult:
+    reference: dict
+    rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "rows": [{k: v for k, v in r.items() if k != "model"}
+                                                      for r in self.rows]}
+
+
+def pareto(rows: list[dict]) -> None:
+    """Mark each row on the front: no other row is at least as good on score, size and latency and better on one."""
+    def key(r):
+        return (-r["score"], r["size"], r["latency_ms"] if r["latency_ms"] is not None else 0.0)
+
+    for r in rows:
+        mine = key(r)
+        r["front"] = not any(all(a <= b for a, b in zip(key(o), mine)) and key(o) != mine for o in rows)
+
+
+def sweep(source: onnx.ModelProto, data, axes: list[Axis], *, base=None, labels: str | None = None, jobs: int = 1,
+          latency: bool = True, progress=None) -> SweepResult:
+    from .inspection import model_flops
+    from .runtime.measure import Scorer, alternating_latency, require_scores
+
+    gate = {"data": str(data), **({"labels": labels} if labels else {})}
+    todo = candidates(axes, base, gate)
+    scorer = Scorer(source, data, labels)
+    require_scores(scorer)
+    result = SweepResult({"score": scorer.reference, "metric": scorer.metric, "size": source.ByteSize(),
+                          "flops": model_flops(source)[0]})
+    blob = source.SerializeToString()
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_run_candidate, blob, c["steps"], gate) for c in todo]
+        done = [f.result() for f in (progress(futures, "sweep") if progress else futures)]
+    feeds = {k: v[:8] for k, v in scorer.feeds.items()}
+    for c, r in zip(todo, done):
+        model = onnx.load_model_from_string(r["model"])
+        timing = alternating_latency(source, model, feeds) if latency else None
+        result.rows.append({"label": c["label"], "steps": c["steps"], "score": r["score"]["candidate"],
+                            "drop": r["score"]["drop"], "size": r["size"], "flops": r["flops"],
+                            "latency_ms": timing["b_ms"] if timing else None,
+                            "speedup": timing["speedup"] if timing else None, "model": r["model"]})
+    pareto(result.rows)
+    return result
+
+
+def table(result: SweepResult) -> str:
+    """One row per candidate, the front marked with '*', the input model first."""
+    from .report import _columns, _size
+
+    ref = result.reference
+    rows = [["", "input model", f"{ref['score']:.4f}", _size(ref["size"]), f"{ref['flops']:,}", "", ""]]
+    for r in sorted(result.rows, key=lambda r: (not r["front"], -r["score"])):
+        rows.append(["*" if r["front"] else "", r["label"], f"{r['score']:.4f}", _size(r["size"]), f"{r['flops']:,}",
+                     "" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}",
+                     "" if r["speedup"] is None else f"{r['speedup']:.2f}x"])
+    head = ["front", "candidate", ref["metric"], "size", "float FLOPs/sample", "latency ms (8)", "speed-up"]
+    lines = _columns(head, rows)
+    front = sum(r["front"] for r in result.rows)
+    return "\n".join(lines + [f"{len(result.rows)} candidates, {front} on the Pareto front (higher {ref['metric']}, "
+                              "smaller file, lower latency)"])
+
+
+def html_report(result: SweepResult) -> str:
+    """One self-contained page: the table and two charts (score vs size, score vs latency; the front highlighted),
+    drawn by matplotlib as inline SVG (no scripts, no network)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--report needs matplotlib: pip install 'onnxopt[report]'") from None
+    import html
+    import io
+
+    ref, rows = result.reference, result.rows
+    charts = []
+    for key, title, unit in (("size", "file size", "bytes"), ("latency_ms", "latency (batch of 8)", "ms")):
+        points = [r for r in rows if r[key] is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for front, style in ((False, {"color": "#9aa", "marker": "o"}), (True, {"color": "#d33", "marker": "*",
+                                                                                 "s": 120})):
+            chosen = [r for r in points if r["front"] == front]
+            ax.scatter([r[key] for r in chosen], [r["score"] for r in chosen],
+                       label="Pareto front" if front else "candidate", **style)
+        line = sorted((r for r in points if r["front"]), key=lambda r: r[key])
+        ax.plot([r[key] for r in line], [r["score"] for r in line], color="#d33", linewidth=1)
+        if key == "size":
+            ax.axvline(ref["size"], color="#333", linestyle=":", label="input model size")
+        ax.axhline(ref["score"], color="#333", linestyle="--", label=f"input model {ref['metric']}")
+        ax.set(xlabel=f"{title} ({unit})", ylabel=ref["metric"], title=f"{ref['metric']} vs {title}")
+        ax.legend(loc="lower right", fontsize=8)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", bbox_inches="tight")
+        plt.close(fig)
+        svg = buffer.getvalue()
+        charts.append(svg[svg.index("<svg"):])
+    table_text = html.escape(table(result))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>onnxopt sweep</title>"
+            "<style>body{font-family:sans-serif;margin:2em} pre{background:#f6f6f6;padding:1em}</style></head>"
+            f"<body><h1>onnxopt sweep</h1><p>{len(rows)} candidates against the input model "
+            f"({ref['metric']} {ref['score']:.4f}, {ref['size']:,} bytes).</p>"
+            + "".join(f"<figure>{svg}</figure>" for svg in charts) + f"<pre>{table_text}</pre></body></html>")
