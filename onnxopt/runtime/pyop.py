@@ -31,28 +31,27 @@ def _binary_conv(x, w, alpha, bias, geometry):
     return reference.binary_conv(x, w, alpha, bias, geometry)
 
 
-def _bit_conv(x, w_packed, alpha, bias, geometry):
-    from ..kernels import bitconv
-
-    _compile_notice(bitconv)
-    x4 = x[:, :, None, :] if geometry[0] == 1 else x
-    out = bitconv.bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
-    return out[:, :, 0, :] if geometry[0] == 1 else out
-
-
 def _multibit_conv(x, w, alpha, bias, geometry):
     from ..kernels import reference
 
     return reference.multibit_conv(x, w, alpha, bias, geometry)
 
 
-def _multibit_bit_conv(x, w_packed, alpha, bias, geometry):
-    from ..kernels import bitconv, multibit
+def _packed(kernel_name: str):
+    """A lowered op's body: the numba kernel `kernel_name` (kernels.bitconv.bit_conv or
+    kernels.multibit.multibit_bit_conv), Conv1d input given a height of 1."""
+    def body(x, w_packed, alpha, bias, geometry):
+        from ..kernels import bitconv, multibit
 
-    _compile_notice(bitconv)
-    x4 = x[:, :, None, :] if geometry[0] == 1 else x
-    out = multibit.multibit_bit_conv(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
-    return out[:, :, 0, :] if geometry[0] == 1 else out
+        kernel = {"bit_conv": bitconv.bit_conv, "multibit_bit_conv": multibit.multibit_bit_conv}[kernel_name]
+        _compile_notice(bitconv)
+        x4 = x[:, :, None, :] if geometry[0] == 1 else x
+        out = kernel(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
+        return out[:, :, 0, :] if geometry[0] == 1 else out
+    return body
+
+
+_bit_conv, _multibit_bit_conv = _packed("bit_conv"), _packed("multibit_bit_conv")
 
 
 _noticed = False
