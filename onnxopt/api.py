@@ -138,6 +138,18 @@ def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, j
     return result
 
 
+def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, jobs: int = 1,
+                progress: Progress | None = None) -> dict:
+    """Distiller's sensitivity analysis: for `axis` ("factor.rank=0.1,0.3"), per layer the step changes and per
+    value, the score with only that layer changed (sweep.sensitivity)."""
+    from . import sweep as sweeps
+
+    (parsed,) = sweeps.parse_grid([axis])
+    if jobs < 1:
+        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
+    return sweeps.sensitivity(_source(model)[0], data, parsed, labels=labels, jobs=jobs, progress=progress)
+
+
 def inspect(model: Model, *, input_shape=()) -> dict:
     """{"layers": every layer a pass's registry knows (plain, transformed, lowered, int8; If/Loop bodies
     marked) with weight shape, params, FLOPs per sample (None where a size is unknown) and each pass's verdict,
@@ -191,5 +203,5 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "sweep", "inspect", "run",
-           "check", "compare", "OnnxoptError"]
+__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "sweep", "sensitivity",
+           "inspect", "run", "check", "compare", "OnnxoptError"]

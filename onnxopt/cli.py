@@ -156,8 +156,11 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
 @cli.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.option("--data", required=True, metavar="DATA.npz", help="Held-out inputs (and labels) to score on.")
-@click.option("--grid", multiple=True, required=True, metavar="STEP.OPTION=V1,V2,...",
+@click.option("--grid", multiple=True, metavar="STEP.OPTION=V1,V2,...",
               help="Values of one option of one step (repeatable); every combination is a candidate.")
+@click.option("--sensitivity", metavar="STEP.OPTION=V1,V2,...",
+              help="Instead of a grid: per layer the step changes and per value, the score with only that layer "
+                   "changed (Distiller's sensitivity analysis).")
 @click.option("--recipe", metavar="RECIPE.toml", help="The steps the grid varies (default: the grid's commands).")
 @click.option("--labels", metavar="KEY", help="Array in --data holding class labels (default: 'label' if present).")
 @click.option("--jobs", type=int, default=1, show_default=True, metavar="N", help="Candidates built in parallel.")
@@ -166,13 +169,22 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
                                                                  "charts (needs matplotlib: onnxopt[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def sweep(model_path, data, grid, recipe, labels, jobs, keep_best, report_path, as_json, quiet):
+def sweep(model_path, data, grid, sensitivity, recipe, labels, jobs, keep_best, report_path, as_json, quiet):
     """Run every combination of --grid values as the pipeline would, and measure each against MODEL: score on
     --data, file size, FLOPs, latency (alternating blocks, batch of 8); mark the Pareto front."""
     import json
 
     from . import api
-    from .sweep import table
+    from .errors import UsageError
+    from .sweep import sensitivity_table, table
+
+    if bool(grid) == bool(sensitivity):
+        raise UsageError("give --grid STEP.OPTION=V1,V2,... (repeatable) or --sensitivity STEP.OPTION=V1,V2,...")
+    if sensitivity:
+        result = api.sensitivity(model_path, data, sensitivity, labels=labels, jobs=jobs,
+                                 progress=_progress(quiet or as_json))
+        click.echo(json.dumps(result, indent=2) if as_json else sensitivity_table(result))
+        return
 
     result = api.sweep(model_path, data, grid, recipe=recipe, labels=labels, jobs=jobs, keep_best=keep_best,
                        report=report_path, progress=_progress(quiet or as_json))

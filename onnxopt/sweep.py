@@ -103,23 +103,25 @@ def candidates(axes: list[Axis], base: list[tuple[str, dict]] | None, gate: dict
     return result
 
 
-def _run_candidate(source_bytes: bytes, steps: list, gate: dict) -> dict:
-    """One candidate, in a worker: the steps, then score, size and FLOPs against the input model."""
+def _run_candidate(source_bytes: bytes, steps: list, gate: dict, layers: bool = False) -> dict:
+    """One candidate, in a worker: the steps, then score, size and FLOPs against the input model (`layers`: and
+    the names of the layers the steps changed)."""
     from . import pipeline
     from .inspection import model_flops
     from .report import Report
     from .runtime.measure import Scorer
 
     source = onnx.load_model_from_string(source_bytes)
-    model = source
+    model, changed = source, []
     for command, options in steps:
         groups = opt.parse(command, {**options, **gate})
-        model, _ = pipeline.run(model, pipeline.rewrite_steps(command, groups, None, reference=source),
-                                Report(command=command))
+        model, report = pipeline.run(model, pipeline.rewrite_steps(command, groups, None, reference=source),
+                                     Report(command=command))
+        changed += [x.name for x in report.changed if x.name not in changed]
     scorer = Scorer(source, gate["data"], gate.get("labels"))
     score = scorer.drop(model)
     return {"model": model.SerializeToString(), "score": score, "size": model.ByteSize(),
-            "flops": model_flops(model)[0]}
+            "flops": model_flops(model)[0], **({"layers": changed} if layers else {})}
 
 
 @dataclass
@@ -229,3 +231,43 @@ def html_report(result: SweepResult) -> str:
             f"<body><h1>onnxopt sweep</h1><p>{len(rows)} candidates against the input model "
             f"({ref['metric']} {ref['score']:.4f}, {ref['size']:,} bytes).</p>"
             + "".join(f"<figure>{svg}</figure>" for svg in charts) + f"<pre>{table_text}</pre></body></html>")
+
+
+# ---- sensitivity analysis (Distiller's): one layer at a time, every other layer left as it is -------------------
+def sensitivity(source: onnx.ModelProto, data, axis: Axis, *, labels: str | None = None, jobs: int = 1,
+                progress=None) -> dict:
+    """Per layer the step changes, and per value of `axis`: the score when only that layer is changed (`--only`
+    its name), every other layer left float. The layers are those the step changes with the first value."""
+    from .runtime.measure import Scorer, require_scores
+
+    gate = {"data": str(data), **({"labels": labels} if labels else {})}
+    for value in axis.values:  # every value valid before any work
+        candidates([Axis(axis.step, axis.option, [value])], None, gate)
+    scorer = Scorer(source, data, labels)
+    require_scores(scorer)
+    blob = source.SerializeToString()
+    probe = _run_candidate(blob, [(axis.step, {axis.option: axis.values[0]})], gate, layers=True)
+    layers = probe["layers"]
+    jobs_list = [(layer, value) for layer in layers for value in axis.values]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_run_candidate, blob, [(axis.step, {axis.option: value, "only": [layer]})], gate)
+                   for layer, value in jobs_list]
+        done = [f.result() for f in (progress(futures, "sensitivity") if progress else futures)]
+    rows = [{"layer": layer, "value": value[0] if isinstance(value, list) else value,
+             "score": r["score"]["candidate"], "drop": r["score"]["drop"], "size": r["size"]}
+            for (layer, value), r in zip(jobs_list, done)]
+    return {"step": axis.step, "option": axis.option, "metric": scorer.metric, "reference": scorer.reference,
+            "rows": rows}
+
+
+def sensitivity_table(result: dict) -> str:
+    from .report import _columns
+
+    values = list(dict.fromkeys(r["value"] for r in result["rows"]))
+    by_layer: dict[str, dict] = {}
+    for r in result["rows"]:
+        by_layer.setdefault(r["layer"], {})[r["value"]] = r["score"]
+    head = ["layer"] + [f"{result['option']}={v}" for v in values]
+    rows = [[layer] + [f"{scores[v]:.4f}" for v in values] for layer, scores in by_layer.items()]
+    return "\n".join(_columns(head, rows) + [f"{result['metric']} of the input model: {result['reference']:.4f}; "
+                                              f"each cell: {result['step']} on that layer only"])

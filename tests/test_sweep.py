@@ -80,3 +80,18 @@ def test_html_report(tmp_path):
     run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                           "--window-size=1200,1600", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000, run.stderr
+
+
+def test_sensitivity_one_layer_at_a_time():
+    """Each cell changes one layer only: the MLP's output layer (10 classes) at rank 0.05 hurts far more than its
+    first layer at the same rank, and a larger rank never scores much lower on the same layer."""
+    result = api.sensitivity(MODELS / "mlp.onnx", MODELS / "mlp_test.npz", "factor.rank=0.05,0.5")
+    scores = {(r["layer"], r["value"]): r["score"] for r in result["rows"]}
+    assert {layer for layer, _ in scores} == {"/l1/Gemm", "/l2/Gemm", "/out/Gemm"}
+    assert scores[("/out/Gemm", "0.05")] < scores[("/l1/Gemm", "0.05")] - 0.2
+    for layer in ("/l1/Gemm", "/l2/Gemm", "/out/Gemm"):
+        assert scores[(layer, "0.5")] >= scores[(layer, "0.05")] - 0.01
+    r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", "--sensitivity", "factor.rank=0.05")
+    assert r.returncode == 0 and "/out/Gemm" in r.stdout and "rank=0.05" in r.stdout, r.stderr
+    r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz")
+    assert r.returncode == 2 and "give --grid" in r.stderr
