@@ -47,7 +47,7 @@ def residual_planes(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]
     planes, scales = [], []
     axes = tuple(range(1, v.ndim))
     for _ in range(levels):
-        s = np.abs(r).mean(axis=axes, dtype=np.float32).astype(np.float32)
+        s = np.abs(r).mean(axis=axes, dtype=np.float64).astype(np.float32)  # one rounding, as the kernel
         b = sign(r)
         planes.append(b)
         scales.append(s)
