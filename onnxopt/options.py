@@ -113,14 +113,21 @@ class SelectOptions:
 CONV_MODES = ("auto", "channel", "tucker", "spatial")
 
 
+def _int_pair(text, largest: int | None = None) -> tuple[int, int] | None:
+    """`AxB` as two integers in 1..largest, or None (--rank-for's Tucker ranks, --bits-for's levels)."""
+    a, sep, b = str(text).partition("x")
+    try:
+        pair = (int(a), int(b))
+    except ValueError:
+        return None
+    ok = sep and min(pair) >= 1 and (largest is None or max(pair) <= largest)
+    return pair if ok else None
+
+
 def _tucker_ranks(text: str) -> tuple[int, int]:
     """`R1xR2`: a conv's Tucker-2 ranks (input, output channels)."""
-    r1, _, r2 = str(text).partition("x")
-    try:
-        pair = (int(r1), int(r2))
-    except ValueError:
-        pair = (0, 0)
-    if min(pair) < 1:
+    pair = _int_pair(text)
+    if pair is None:
         raise UsageError(f"invalid Tucker ranks '{text}' for --rank-for: expected R1xR2 like 16x32")
     return pair
 
@@ -256,12 +263,8 @@ def _levels(value, what: str) -> int:
 
 def _bits_pair(text) -> tuple[int, int]:
     """`KWxKA`, e.g. 2x2."""
-    kw, sep, ka = str(text).partition("x")
-    try:
-        pair = (int(kw), int(ka))
-    except ValueError:
-        pair = (0, 0)
-    if not sep or not all(1 <= v <= 4 for v in pair):
+    pair = _int_pair(text, largest=4)
+    if pair is None:
         raise UsageError(f"invalid --bits-for levels '{text}': expected KWxKA with levels 1..4, like 2x2")
     return pair
 

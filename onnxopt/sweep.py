@@ -103,9 +103,9 @@ def candidates(axes: list[Axis], base: list[tuple[str, dict]] | None, gate: dict
     return result
 
 
-def _run_candidate(source_bytes: bytes, steps: list, gate: dict, layers: bool = False) -> dict:
-    """One candidate, in a worker: the steps, then score, size and FLOPs against the input model (`layers`: and
-    the names of the layers the steps changed)."""
+def _run_candidate(source_bytes: bytes, steps: list, gate: dict, reference: dict, layers: bool = False) -> dict:
+    """One candidate, in a worker: the steps, then score, size and FLOPs against the input model, whose outputs on
+    the data (`reference`) are computed once by the caller (`layers`: and the names of the layers changed)."""
     from . import pipeline
     from .inspection import model_flops
     from .report import Report
@@ -118,7 +118,7 @@ def _run_candidate(source_bytes: bytes, steps: list, gate: dict, layers: bool = 
         model, report = pipeline.run(model, pipeline.rewrite_steps(command, groups, None, reference=source),
                                      Report(command=command))
         changed += [x.name for x in report.changed if x.name not in changed]
-    scorer = Scorer(source, gate["data"], gate.get("labels"))
+    scorer = Scorer(source, gate["data"], gate.get("labels"), outputs=reference)
     score = scorer.drop(model)
     return {"model": model.SerializeToString(), "score": score, "size": model.ByteSize(),
             "flops": model_flops(model)[0], **({"layers": changed} if layers else {})}
@@ -157,7 +157,7 @@ def sweep(source: onnx.ModelProto, data, axes: list[Axis], *, base=None, labels:
                           "flops": model_flops(source)[0]})
     blob = source.SerializeToString()
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_run_candidate, blob, c["steps"], gate) for c in todo]
+        futures = [pool.submit(_run_candidate, blob, c["steps"], gate, scorer.outputs) for c in todo]
         done = [f.result() for f in (progress(futures, "sweep") if progress else futures)]
     feeds = {k: v[:8] for k, v in scorer.feeds.items()}
     for c, r in zip(todo, done):
@@ -246,12 +246,12 @@ def sensitivity(source: onnx.ModelProto, data, axis: Axis, *, labels: str | None
     scorer = Scorer(source, data, labels)
     require_scores(scorer)
     blob = source.SerializeToString()
-    probe = _run_candidate(blob, [(axis.step, {axis.option: axis.values[0]})], gate, layers=True)
+    probe = _run_candidate(blob, [(axis.step, {axis.option: axis.values[0]})], gate, scorer.outputs, layers=True)
     layers = probe["layers"]
     jobs_list = [(layer, value) for layer in layers for value in axis.values]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_run_candidate, blob, [(axis.step, {axis.option: value, "only": [layer]})], gate)
-                   for layer, value in jobs_list]
+        futures = [pool.submit(_run_candidate, blob, [(axis.step, {axis.option: value, "only": [layer]})], gate,
+                               scorer.outputs) for layer, value in jobs_list]
         done = [f.result() for f in (progress(futures, "sensitivity") if progress else futures)]
     rows = [{"layer": layer, "value": value[0] if isinstance(value, list) else value,
              "score": r["score"]["candidate"], "drop": r["score"]["drop"], "size": r["size"]}

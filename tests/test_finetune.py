@@ -84,7 +84,8 @@ def test_only_weights_train():
             assert not {node.input[3], node.input[4]} & names and {node.input[1], node.input[2]} <= names
     binary = _binarized(MODELS / "cnn.onnx")
     conv = next(n for n in binary.graph.node if n.op_type == "BinaryConv")
-    assert set(conv.input[1:4]) <= set(trainable_initializers(binary)) and conv.input[4] not in names
+    trained = set(trainable_initializers(binary))
+    assert set(conv.input[1:4]) <= trained and conv.input[4] not in trained
 
 
 def test_binarized_cnn_recovers_without_labels(unlabeled, tmp_path):

@@ -54,7 +54,7 @@ def test_exported_networks(tmp_path, name):
 def test_residual_layers_share_one_channel_set():
     graph = ChannelGraph(onnx.load(DATA / "resnet18_tiny_legacy.onnx"))
     tied = [sorted(layer.name for layer in g.producers) for g in find_groups(graph) if len(g.producers) > 1]
-    assert ["/layer1/layer1.0/conv2/Conv", "/layer1/layer1.1/conv2/Conv", "/maxpool/MaxPool"] != tied[0]
+    assert any({"/layer1/layer1.0/conv2/Conv", "/layer1/layer1.1/conv2/Conv"} <= set(t) for t in tied)
     assert any("/layer2/layer2.0/downsample/downsample.0/Conv" in t and "/layer2/layer2.1/conv2/Conv" in t
                for t in tied)
 
