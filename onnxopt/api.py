@@ -100,11 +100,20 @@ def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None 
     return pipeline.run_recipe(source, loaded, save, protected=protected, progress=progress)
 
 
-def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1,
+def _check_workers(jobs: int, ray: str | None) -> None:
+    if jobs < 1:
+        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
+    if ray is not None and (not str(ray).strip() or jobs != 1):
+        raise UsageError("--ray takes a cluster address (host:port, 'auto', or 'local' to start one here) and "
+                         "replaces --jobs: Ray schedules the candidates on the cluster's CPUs")
+
+
+def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1, ray: str | None = None,
           keep_best=None, report=None, latency: bool = True, progress: Progress | None = None):
     """Every combination of `grid` (["factor.rank=0.3,0.5", ...]) run as the pipeline would, scored on `data`
-    against the input model, with size, FLOPs and latency and the Pareto front (sweep.py). `keep_best`: a folder
-    for the front's models; `report`: an HTML file with the table and charts (needs matplotlib)."""
+    against the input model, with size, FLOPs and latency and the Pareto front (sweep.py). `jobs` local worker
+    processes, or `ray`: the address of a Ray cluster to run the candidates on. `keep_best`: a folder for the
+    front's models; `report`: an HTML file with the table and charts (needs matplotlib)."""
     from pathlib import Path
 
     from . import sweep as sweeps
@@ -116,12 +125,11 @@ def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, j
         from . import recipe as recipes
 
         base = recipes.load(recipe).steps
-    if jobs < 1:
-        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
+    _check_workers(jobs, ray)
     if report is not None:
         check_output(report, force=True)
     source, _ = _source(model)
-    result = sweeps.sweep(source, data, axes, base=base, labels=labels, jobs=jobs, latency=latency,
+    result = sweeps.sweep(source, data, axes, base=base, labels=labels, jobs=jobs, ray=ray, latency=latency,
                           progress=progress)
     if keep_best is not None:
         folder = Path(keep_best)
@@ -138,16 +146,25 @@ def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, j
     return result
 
 
-def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, jobs: int = 1,
-                progress: Progress | None = None) -> dict:
+def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, jobs: int = 1, ray: str | None = None,
+                report=None, progress: Progress | None = None) -> dict:
     """Distiller's sensitivity analysis: for `axis` ("factor.rank=0.1,0.3"), per layer the step changes and per
-    value, the score with only that layer changed (sweep.sensitivity)."""
+    value, the score with only that layer changed (sweep.sensitivity). `report`: an HTML file with the table
+    and a chart of score vs value per layer."""
     from . import sweep as sweeps
+    from .model import check_output
 
     (parsed,) = sweeps.parse_grid([axis])
-    if jobs < 1:
-        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
-    return sweeps.sensitivity(_source(model)[0], data, parsed, labels=labels, jobs=jobs, progress=progress)
+    _check_workers(jobs, ray)
+    if report is not None:
+        check_output(report, force=True)
+    result = sweeps.sensitivity(_source(model)[0], data, parsed, labels=labels, jobs=jobs, ray=ray,
+                                progress=progress)
+    if report is not None:
+        from .model import atomic_write_text
+
+        atomic_write_text(sweeps.sensitivity_html(result), report)
+    return result
 
 
 def inspect(model: Model, *, input_shape=()) -> dict:

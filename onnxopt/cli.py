@@ -164,12 +164,15 @@ def apply(recipe, model_path, output, force, external_data, as_json, quiet):
 @click.option("--recipe", metavar="RECIPE.toml", help="The steps the grid varies (default: the grid's commands).")
 @click.option("--labels", metavar="KEY", help="Array in --data holding class labels (default: 'label' if present).")
 @click.option("--jobs", type=int, default=1, show_default=True, metavar="N", help="Candidates built in parallel.")
+@click.option("--ray", metavar="ADDRESS", help="Run the candidates as Ray tasks on the cluster at ADDRESS "
+                                               "(host:port, 'auto', or 'local' to start one here); needs "
+                                               "onnxopt[ray].")
 @click.option("--keep-best", metavar="DIR", help="Write the Pareto front's models here (front_0.onnx, ...).")
 @click.option("--report", "report_path", metavar="FILE.html", help="A self-contained HTML page with the table and "
                                                                  "charts (needs matplotlib: onnxopt[report]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def sweep(model_path, data, grid, sensitivity, recipe, labels, jobs, keep_best, report_path, as_json, quiet):
+def sweep(model_path, data, grid, sensitivity, recipe, labels, jobs, ray, keep_best, report_path, as_json, quiet):
     """Run every combination of --grid values as the pipeline would, and measure each against MODEL: score on
     --data, file size, FLOPs, latency (alternating blocks, batch of 8); mark the Pareto front."""
     import json
@@ -181,12 +184,14 @@ def sweep(model_path, data, grid, sensitivity, recipe, labels, jobs, keep_best, 
     if bool(grid) == bool(sensitivity):
         raise UsageError("give --grid STEP.OPTION=V1,V2,... (repeatable) or --sensitivity STEP.OPTION=V1,V2,...")
     if sensitivity:
-        result = api.sensitivity(model_path, data, sensitivity, labels=labels, jobs=jobs,
-                                 progress=_progress(quiet or as_json))
+        if recipe or keep_best:
+            raise UsageError("--recipe and --keep-best go with --grid, not --sensitivity")
+        result = api.sensitivity(model_path, data, sensitivity, labels=labels, jobs=jobs, ray=ray,
+                                 report=report_path, progress=_progress(quiet or as_json))
         click.echo(json.dumps(result, indent=2) if as_json else sensitivity_table(result))
         return
 
-    result = api.sweep(model_path, data, grid, recipe=recipe, labels=labels, jobs=jobs, keep_best=keep_best,
+    result = api.sweep(model_path, data, grid, recipe=recipe, labels=labels, jobs=jobs, ray=ray, keep_best=keep_best,
                        report=report_path, progress=_progress(quiet or as_json))
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
 

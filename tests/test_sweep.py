@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
+import sys
+import tempfile
+import time
 
 import onnx
 import pytest
@@ -66,20 +71,52 @@ def _browser() -> str | None:
     return next((b for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)), None)
 
 
+def _screenshot(page, tmp_path, height=2400):
+    """Headless Chromium renders `page`: (the screenshot as an RGB array, the page's console messages)."""
+    from matplotlib.image import imread
+
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium): the page was checked as text only")
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                          f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert shot.exists(), run.stderr
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    return imread(shot)[..., :3], console
+
+
 def test_html_report(tmp_path):
+    """The page: four charts (score vs size and vs latency, per-layer params and FLOPs), the table, the per-layer
+    table, nothing fetched; rendered by Chromium with no console message, neither blank nor without the front's
+    red marks."""
     pytest.importorskip("matplotlib")
     page = tmp_path / "report.html"
     result = api.sweep(MODELS / "mlp.onnx", MODELS / "mlp_test.npz", ["factor.rank=0.05,0.3"], report=page)
     text = page.read_text()
-    assert text.count("<svg") == 2 and "Pareto front" in text and "<script" not in text
+    assert text.count("<svg") == 4 and "Pareto front" in text and "per-layer parameters" in text
+    assert not any(tag in text for tag in ("<script", "src=", "<link", "@import", 'href="http'))  # nothing fetched
     assert all(row["label"] in text for row in result.rows)
-    browser = _browser()
-    if browser is None:
-        pytest.skip("no Chromium on this machine: the page was checked as text only")
-    shot = tmp_path / "shot.png"
-    run = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                          "--window-size=1200,1600", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.exists() and shot.stat().st_size > 10_000, run.stderr
+    assert all(name in text for name in ("/l1/Gemm", "/l2/Gemm", "/out/Gemm"))  # the per-layer table
+    pixels, console = _screenshot(page, tmp_path)
+    assert console == []
+    ink = (pixels < 0.9).any(axis=2)
+    assert ink.mean() > 0.03, f"only {ink.mean():.1%} of the screenshot is not white"
+    red = (pixels[..., 0] > 0.7) & (pixels[..., 1] < 0.35) & (pixels[..., 2] < 0.35)
+    assert red.sum() > 50  # the front's stars and line (#d33)
+
+
+def test_sensitivity_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    page = tmp_path / "sens.html"
+    r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", "--sensitivity", "factor.rank=0.05,0.5",
+            "--report", page)
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    assert text.count("<svg") == 1 and "one layer at a time" in text and "/out/Gemm" in text
+    pixels, console = _screenshot(page, tmp_path, height=700)
+    assert console == [] and (pixels < 0.9).any(axis=2).mean() > 0.015  # a blank page: 0
 
 
 def test_sensitivity_one_layer_at_a_time():
@@ -95,3 +132,63 @@ def test_sensitivity_one_layer_at_a_time():
     assert r.returncode == 0 and "/out/Gemm" in r.stdout and "rank=0.05" in r.stdout, r.stderr
     r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz")
     assert r.returncode == 2 and "give --grid" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray cluster on the loopback address, as `ray start --head` makes one; torn down after."""
+    pytest.importorskip("ray")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Keep every connection on loopback (checked with strace): on Linux Ray swaps 127.0.0.1 for the host's network
+    # address unless told it is a single-machine cluster; its dashboard asks cloud metadata servers and a usage
+    # server for telemetry even with usage stats off: both sent to a closed loopback port. A test cluster that
+    # only this machine reaches, hence no auth token.
+    closed = "http://127.0.0.1:9"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": closed + "/", "HTTP_PROXY": closed,
+           "HTTPS_PROXY": closed, "NO_PROXY": "127.0.0.1,localhost"}
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='ray')}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.3)
+    yield f"127.0.0.1:{port}", env
+    head.terminate()
+    head.wait(60)
+
+
+def _rows(stdout: str) -> list:
+    return sorted((r["label"], r["score"], r["size"], r["flops"], json.dumps(r["layers"]))
+                  for r in json.loads(stdout)["rows"])
+
+
+def test_ray_runs_the_same_rows_as_the_pool(ray_head):
+    """The four MLP candidates as Ray tasks on a running cluster: the same scores, sizes, FLOPs and per-layer
+    figures as the local pool (latency is measured here either way)."""
+    address, env = ray_head
+    args = ["sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", *GRID, "--json"]
+    on_ray = subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args), "--ray", address], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert on_ray.returncode == 0, on_ray.stderr
+    pooled = cli(*args, "--jobs", "2")
+    assert pooled.returncode == 0, pooled.stderr
+    assert _rows(on_ray.stdout) == _rows(pooled.stdout) and len(_rows(pooled.stdout)) == 4
+
+
+def test_bad_ray_address():
+    pytest.importorskip("ray")
+    for extra, text in ((["--ray", "127.0.0.1:9"], "no Ray cluster answers"),
+                        (["--ray", "nowhere"], "expected host:port"),
+                        (["--ray", "auto", "--jobs", "2"], "replaces --jobs")):
+        r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", "--grid", "factor.rank=0.1", *extra)
+        assert r.returncode == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
