@@ -195,7 +195,9 @@ def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[s
         reason = selection.decline_reason(node, node.name) or rule.check(node, ctx)
         w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
         row = LayerReport(name=node.name, op_type=node.op_type, reason=reason or "",
-                          shape="x".join(map(str, w.shape)) if w is not None else "")
+                          shape="x".join(map(str, w.shape)) if w is not None else "",
+                          params_before=int(w.size) if w is not None else 0,
+                          params_after=int(w.size) if w is not None else 0)  # int8 weights are parameters too
         if not reason:
             chosen.append(node.name)
             row.action, row.bytes_before, row.bytes_after = "quantized", int(w.nbytes), int(w.size)
