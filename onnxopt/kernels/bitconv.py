@@ -249,18 +249,35 @@ resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)
 
 
 @njit(cache=True, nogil=True)
-def bit_conv(x, wp, alpha, bias, geometry):
-    """Binarize and pack x (N, C, H, W) float32, then convolve with packed weights; geometry is the int64
-    encoding of `convgeom.Geometry`. One compiled entry point, so a call pays numba's dispatch once."""
+def output_shape(n, h, w, kh, kw, o, geometry):
+    """(n, O, oh, ow) of bit_conv for an input (n, C, h, w) and a kh x kw kernel with O outputs; oh or ow < 1
+    when the input is smaller than the kernel's span."""
+    sh, sw, dh, dw, auto_pad = geometry[1], geometry[2], geometry[7], geometry[8], geometry[9]
+    oh = resolve_axis(h, kh, sh, dh, geometry[3], geometry[5], auto_pad)[1]
+    ow = resolve_axis(w, kw, sw, dw, geometry[4], geometry[6], auto_pad)[1]
+    return n, o, oh, ow
+
+
+@njit(cache=True, nogil=True)
+def bit_conv_into(x, wp, alpha, bias, geometry, out):
+    """Binarize and pack x (N, C, H, W) float32, then convolve with packed weights into `out` (output_shape);
+    geometry is the int64 encoding of `convgeom.Geometry`."""
     n, _, h, w = x.shape
-    kh, kw, cw, o = wp.shape
+    kh, kw, cw, _ = wp.shape
     sh, sw, dh, dw, auto_pad, channels = geometry[1], geometry[2], geometry[7], geometry[8], geometry[9], geometry[10]
     pt, oh = resolve_axis(h, kh, sh, dh, geometry[3], geometry[5], auto_pad)
     pl, ow = resolve_axis(w, kw, sw, dw, geometry[4], geometry[6], auto_pad)
     xp = np.zeros(padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw), np.uint64)
     pack_input(x, pt, pl, xp)
-    out = np.empty((n, o, oh, ow), np.float32)
     conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
+
+
+@njit(cache=True, nogil=True)
+def bit_conv(x, wp, alpha, bias, geometry):
+    """bit_conv_into a new array. One compiled entry point, so a call pays numba's dispatch once."""
+    kh, kw, _, o = wp.shape
+    out = np.empty(output_shape(x.shape[0], x.shape[2], x.shape[3], kh, kw, o, geometry), np.float32)
+    bit_conv_into(x, wp, alpha, bias, geometry, out)
     return out
 
 

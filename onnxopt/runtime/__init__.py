@@ -34,12 +34,37 @@ def _plain_options(optimize: bool, threads: int | None):
     return so
 
 
-def session_options(*, optimize: bool = True, threads: int | None = None):
-    """onnxruntime.SessionOptions with the com.onnxopt custom ops registered."""
+def _custom_op_types(graph: onnx.GraphProto) -> set[str]:
+    """The com.onnxopt op types in `graph` and its If/Loop/Scan bodies."""
+    found = set()
+    for node in graph.node:
+        if ops.is_custom(node):
+            found.add(node.op_type)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                found |= _custom_op_types(body)
+    return found
+
+
+def custom_op_library(model: onnx.ModelProto | None = None) -> str:
+    """The custom-op library a session for `model` registers: the C ABI one (runtime/cabi.py: no Python per
+    call) when every com.onnxopt op in `model` is BitConv and it is available here, else the PyOp bridge's,
+    which serves every op (also when no model is given)."""
+    if model is not None and _custom_op_types(model.graph) <= {ops.BIT_CONV}:
+        from . import cabi
+
+        found = cabi.library_path()
+        if found is not None:
+            return found
     from .pyop import register
 
+    return register()
+
+
+def session_options(*, optimize: bool = True, threads: int | None = None, model: onnx.ModelProto | None = None):
+    """onnxruntime.SessionOptions with the com.onnxopt custom ops registered (`custom_op_library(model)`)."""
     so = _plain_options(optimize, threads)
-    so.register_custom_ops_library(register())
+    so.register_custom_ops_library(custom_op_library(model))
     # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
     # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -73,7 +98,8 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
 
         constants = Constants(proto.graph, base_dir)
         ops.check_custom_nodes(proto.graph, constants.get)
-    so = session_options(optimize=optimize, threads=threads) if custom else _plain_options(optimize, threads)
+    so = session_options(optimize=optimize, threads=threads, model=proto) if custom else \
+        _plain_options(optimize, threads)
     cls = _guarded_session_class() if custom else ort.InferenceSession
     try:
         sess = cls(source, so, providers=["CPUExecutionProvider"])

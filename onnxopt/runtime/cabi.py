@@ -1,0 +1,191 @@
+"""com.onnxopt::BitConv with no Python on the call path: the numba kernel as C-callable functions (@cfunc, no
+GIL), called by a small C library (ortshim.c) that onnxruntime loads as a custom-op library.
+
+The library is compiled from ortshim.c with the system C compiler on first use and cached (ONNXOPT_CACHE_DIR,
+default ~/.cache/onnxopt), then loaded with ctypes so that onnxopt_set_kernels() can hand it the two cfunc
+addresses before onnxruntime opens the same path (dlopen returns the handle already open). Without a compiler,
+or with ONNXOPT_KERNEL_PATH=pyop, sessions use the PyOp bridge (runtime/pyop.py); `path()` says which.
+
+The C path serves BitConv only; a model with another com.onnxopt op runs on the PyOp bridge as a whole.
+Validation lives here too, as integer checks before any memory is touched: a bad input makes session.run raise
+with one of PROBLEMS, never a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from ..convgeom import MAX_PAD, MAX_STEP
+from ..kernels import bitconv
+
+SOURCE = Path(__file__).with_name("ortshim.c")
+SLOTS = 8  # per input in the dims buffer: rank, then up to 7 dims (ortshim.c)
+OUT = 5 * SLOTS  # where the 4 output dims go
+
+
+def _start_numba_threads() -> None:
+    """One parallel kernel call from Python. It starts numba's thread pool, whose scheduler symbols the cfuncs
+    below link against when they are loaded from numba's cache (without it: 'LLVM ERROR: Symbol not found:
+    allocate_sched', which ends the process)."""
+    x = np.zeros((1, 1, 3, 3), np.float32)
+    bitconv.bit_conv(x, np.zeros((1, 1, 1, 1), np.uint64), np.ones(1, np.float32), np.zeros(1, np.float32),
+                     np.array([2, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1], np.int64))
+
+
+_start_numba_threads()
+PROBLEMS = (
+    "",
+    "onnxopt BitConv: geometry must be 11 int64 values within range",
+    "onnxopt BitConv: packed weight must be uint64 [kh, kw, ceil(channels/64), O] (kh = 1 for 1-D)",
+    "onnxopt BitConv: alpha must be float32 [O]",
+    "onnxopt BitConv: bias must be float32 [O]",
+    "onnxopt BitConv: input rank does not match the layer (4 for 2-D, 3 for 1-D)",
+    "onnxopt BitConv: input channels do not match the layer",
+    "onnxopt BitConv: input has an empty spatial dim",
+    "onnxopt BitConv: input is smaller than the kernel's span: no output",
+)
+
+
+@njit(cache=True, nogil=True)
+def _geometry_problem(g) -> int:
+    if g[0] != 1 and g[0] != 2:
+        return 1
+    for i in (1, 2, 7, 8):
+        if g[i] < 1 or g[i] > MAX_STEP:
+            return 1
+    for i in (3, 4, 5, 6):
+        if g[i] < 0 or g[i] > MAX_PAD:
+            return 1
+    if g[9] < 0 or g[9] > 3 or g[10] < 1:
+        return 1
+    if g[0] == 1 and (g[1] != 1 or g[7] != 1 or g[3] != 0 or g[5] != 0):
+        return 1
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _input_sizes(dims):
+    """(n, c, h, w) of the input, Conv1d given a height of 1."""
+    if dims[0] == 3:
+        return dims[1], dims[2], 1, dims[3]
+    return dims[1], dims[2], dims[3], dims[4]
+
+
+@cfunc(types.int64(types.CPointer(types.int64), types.CPointer(types.int64)), nogil=True, cache=True)
+def _shape(dims, geometry):
+    """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
+    g = carray(geometry, (11,))
+    if _geometry_problem(g):
+        return 1
+    w = SLOTS
+    if dims[w] != 4 or dims[w + 1] < 1 or dims[w + 2] < 1 or dims[w + 4] < 1 or dims[w + 3] != (g[10] + 63) // 64:
+        return 2
+    if g[0] == 1 and dims[w + 1] != 1:
+        return 2
+    o = dims[w + 4]
+    if dims[2 * SLOTS] != 1 or dims[2 * SLOTS + 1] != o:
+        return 3
+    if dims[3 * SLOTS] != 1 or dims[3 * SLOTS + 1] != o:
+        return 4
+    if dims[0] != g[0] + 2:
+        return 5
+    n, c, h, x_w = _input_sizes(dims)
+    if c != g[10]:
+        return 6
+    if h < 1 or x_w < 1:
+        return 7
+    shape = bitconv.output_shape(n, h, x_w, dims[w + 1], dims[w + 2], o, g)
+    if shape[2] < 1 or shape[3] < 1:
+        return 8
+    for i in range(4):
+        dims[OUT + i] = shape[i]
+    return 0
+
+
+@cfunc(types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64)), nogil=True, cache=True)
+def _compute(data, dims):
+    """The kernel on the tensors `_shape` accepted; the output is already allocated with its dims."""
+    n, c, h, w = _input_sizes(dims)
+    kh, kw, cw, o = dims[SLOTS + 1], dims[SLOTS + 2], dims[SLOTS + 3], dims[SLOTS + 4]
+    x = carray(data[0], (n, c, h, w), np.float32)
+    wp = carray(data[1], (kh, kw, cw, o), np.uint64)
+    alpha = carray(data[2], (o,), np.float32)
+    bias = carray(data[3], (o,), np.float32)
+    geometry = carray(data[4], (11,), np.int64)
+    out = carray(data[5], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
+    bitconv.bit_conv_into(x, wp, alpha, bias, geometry, out)
+    return 0
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "path": the loaded library's path, or "error": why the C path is off
+
+
+def _cache_dir() -> Path:
+    folder = os.environ.get("ONNXOPT_CACHE_DIR")
+    return Path(folder) if folder else Path.home() / ".cache" / "onnxopt"
+
+
+def _build() -> Path:
+    """The compiled library, built once per source text and compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) on PATH")
+    digest = hashlib.sha256(SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"ortshim-{digest}.so"
+    if target.exists():
+        return target
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
+        pass
+    result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp.name, str(SOURCE)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp.name)
+        raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+    os.replace(tmp.name, target)  # atomic: a concurrent process sees the old or the whole new file
+    return target
+
+
+def _load() -> str:
+    path = _build()
+    library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    texts = (ctypes.c_char_p * len(PROBLEMS))(*(p.encode() for p in PROBLEMS))
+    library.onnxopt_set_kernels.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    library.onnxopt_set_kernels(_shape.address, _compute.address, ctypes.cast(texts, ctypes.c_void_p),
+                                len(PROBLEMS))
+    _state["keep"] = (library, texts)  # the C side points into these
+    return str(path)
+
+
+def library_path() -> str | None:
+    """The C-path library for SessionOptions.register_custom_ops_library, or None (see `path()` for why)."""
+    with _lock:
+        if "path" not in _state and "error" not in _state:
+            if os.environ.get("ONNXOPT_KERNEL_PATH", "").lower() == "pyop":
+                _state["error"] = "ONNXOPT_KERNEL_PATH=pyop"
+            else:
+                try:
+                    _state["path"] = _load()
+                except OSError as exc:
+                    _state["error"] = str(exc)
+                    print(f"onnxopt: warning: the C kernel path is off ({exc}); using the PyOp bridge",
+                          file=sys.stderr)
+    return _state.get("path")
+
+
+def path() -> str:
+    """Which path lowered BitConv layers run on in this process, in words."""
+    found = library_path()
+    return f"C ABI ({found})" if found else f"PyOp bridge ({_state['error']})"

@@ -1,0 +1,182 @@
+/* onnxopt's com.onnxopt::BitConv for onnxruntime, with no Python on the call path.
+ *
+ * Why C: onnxruntime's Python API registers custom ops only from a shared library exporting RegisterCustomOps,
+ * and onnxruntime-extensions' PyOp bridge takes the GIL and copies every tensor (33 us a call at batch 1).
+ * This file is only the plumbing between onnxruntime's C API and two numba @cfunc functions (runtime/cabi.py),
+ * whose addresses Python hands over with onnxopt_set_kernels() before onnxruntime loads this same library
+ * (dlopen returns the handle already open). The arithmetic stays in the numba kernel (kernels/bitconv.py).
+ *
+ * onnxruntime's wheel ships no C headers, so the few API entries used are called by their position in the
+ * OrtApi function table, which onnxruntime only ever appends to (positions as of API version 16, which every
+ * onnxruntime since 1.16 serves), and the OrtCustomOp table is declared with the fields of version 16.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef void OrtStatus;
+typedef void OrtApi;
+
+#define API_VERSION 16
+#define ERROR_INVALID_ARGUMENT 2
+#define TYPE_FLOAT 1
+#define TYPE_INT64 7
+#define TYPE_UINT64 13
+
+/* positions in the OrtApi table */
+enum {
+    CREATE_STATUS = 0, CREATE_CUSTOM_OP_DOMAIN = 26, CUSTOM_OP_DOMAIN_ADD = 27, ADD_CUSTOM_OP_DOMAIN = 28,
+    GET_TENSOR_MUTABLE_DATA = 51, GET_TENSOR_ELEMENT_TYPE = 60, GET_DIMENSIONS_COUNT = 61, GET_DIMENSIONS = 62,
+    GET_TENSOR_TYPE_AND_SHAPE = 65, KERNEL_CONTEXT_GET_INPUT_COUNT = 88, KERNEL_CONTEXT_GET_INPUT = 90,
+    KERNEL_CONTEXT_GET_OUTPUT = 91, RELEASE_STATUS = 93, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+};
+
+typedef struct { const OrtApi *(*GetApi)(uint32_t); const char *(*GetVersionString)(void); } ApiBase;
+
+typedef OrtStatus *(*CreateStatusFn)(int, const char *);
+typedef OrtStatus *(*CreateDomainFn)(const char *, void **);
+typedef OrtStatus *(*DomainAddFn)(void *, const void *);
+typedef OrtStatus *(*AddDomainFn)(void *, void *);
+typedef OrtStatus *(*MutableDataFn)(void *, void **);
+typedef OrtStatus *(*ElementTypeFn)(const void *, int *);
+typedef OrtStatus *(*DimsCountFn)(const void *, size_t *);
+typedef OrtStatus *(*DimsFn)(const void *, int64_t *, size_t);
+typedef OrtStatus *(*TypeAndShapeFn)(const void *, void **);
+typedef OrtStatus *(*InputCountFn)(const void *, size_t *);
+typedef OrtStatus *(*GetInputFn)(const void *, size_t, const void **);
+typedef OrtStatus *(*GetOutputFn)(void *, size_t, const int64_t *, size_t, void **);
+typedef void (*ReleaseFn)(void *);
+
+static void *const *api;  /* the OrtApi table, as function pointers */
+#define CALL(position, type) ((type)api[position])
+
+/* the numba side (runtime/cabi.py): dims holds 5 inputs x (rank, 7 dims), then 4 output dims it fills;
+ * each returns 0 or a problem code that cabi.PROBLEMS explains */
+typedef int64_t (*ShapeFn)(int64_t *dims, const int64_t *geometry);
+typedef int64_t (*ComputeFn)(void **data, int64_t *dims);
+static ShapeFn shape_fn;
+static ComputeFn compute_fn;
+static const char *const *problem_text;
+static int64_t problem_count;
+
+void onnxopt_set_kernels(void *shape, void *compute, const char *const *problems, int64_t count) {
+    shape_fn = (ShapeFn)shape;
+    compute_fn = (ComputeFn)compute;
+    problem_text = problems;
+    problem_count = count;
+}
+
+#define INPUTS 5
+#define SLOTS 8
+static const int input_types[INPUTS] = {TYPE_FLOAT, TYPE_UINT64, TYPE_FLOAT, TYPE_FLOAT, TYPE_INT64};
+
+static OrtStatus *fail(const char *message) {
+    return CALL(CREATE_STATUS, CreateStatusFn)(ERROR_INVALID_ARGUMENT, message);
+}
+
+/* one input's data pointer, element type and shape; NULL or a status */
+static OrtStatus *read_input(void *context, size_t index, void **data, int64_t *slots) {
+    const void *value;
+    void *info;
+    int type;
+    size_t rank;
+    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT, GetInputFn)(context, index, &value);
+    if (status) return status;
+    if ((status = CALL(GET_TENSOR_TYPE_AND_SHAPE, TypeAndShapeFn)(value, &info))) return status;
+    status = CALL(GET_TENSOR_ELEMENT_TYPE, ElementTypeFn)(info, &type);
+    if (!status) status = CALL(GET_DIMENSIONS_COUNT, DimsCountFn)(info, &rank);
+    if (!status && rank >= SLOTS) status = fail("onnxopt BitConv: an input has more than 7 dimensions");
+    if (!status) status = CALL(GET_DIMENSIONS, DimsFn)(info, slots + 1, rank);
+    CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseFn)(info);
+    if (status) return status;
+    if (type != input_types[index]) return fail("onnxopt BitConv: an input has the wrong element type");
+    slots[0] = (int64_t)rank;
+    return CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)((void *)value, data);
+}
+
+static OrtStatus *problem(int64_t code) {
+    if (code > 0 && code < problem_count) return fail(problem_text[code]);
+    return fail("onnxopt BitConv: the kernel refused its inputs");
+}
+
+static OrtStatus *compute(void *kernel, void *context) {
+    (void)kernel;
+    void *data[INPUTS + 1];
+    int64_t dims[INPUTS * SLOTS + 4];
+    size_t count;
+    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, InputCountFn)(context, &count);
+    if (status) return status;
+    if (count != INPUTS) return fail("onnxopt BitConv: expected 5 inputs");
+    for (size_t i = 0; i < INPUTS; i++)
+        if ((status = read_input(context, i, &data[i], dims + i * SLOTS))) return status;
+    if (dims[4 * SLOTS] != 1 || dims[4 * SLOTS + 1] < 11) return problem(1);
+    int64_t code = shape_fn(dims, (const int64_t *)data[4]);
+    if (code) return problem(code);
+    int64_t *out_dims = dims + INPUTS * SLOTS;
+    int64_t out_rank = dims[0];  /* the output has the input's rank (Conv1d: 3) */
+    int64_t shape[4] = {out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
+    if (out_rank == 3) shape[2] = out_dims[3];
+    void *output;
+    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, shape, (size_t)out_rank, &output)))
+        return status;
+    if ((status = CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)(output, &data[INPUTS]))) return status;
+    code = compute_fn(data, dims);
+    return code ? problem(code) : NULL;
+}
+
+/* ---- the OrtCustomOp table (version 16 fields) ---- */
+typedef struct OpTable {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OpTable *, const OrtApi *, const void *);
+    const char *(*GetName)(const struct OpTable *);
+    const char *(*GetExecutionProviderType)(const struct OpTable *);
+    int (*GetInputType)(const struct OpTable *, size_t);
+    size_t (*GetInputTypeCount)(const struct OpTable *);
+    int (*GetOutputType)(const struct OpTable *, size_t);
+    size_t (*GetOutputTypeCount)(const struct OpTable *);
+    void (*KernelCompute)(void *, void *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const struct OpTable *, size_t);
+    int (*GetOutputCharacteristic)(const struct OpTable *, size_t);
+    int (*GetInputMemoryType)(const struct OpTable *, size_t);
+    int (*GetVariadicInputMinArity)(const struct OpTable *);
+    int (*GetVariadicInputHomogeneity)(const struct OpTable *);
+    int (*GetVariadicOutputMinArity)(const struct OpTable *);
+    int (*GetVariadicOutputHomogeneity)(const struct OpTable *);
+    OrtStatus *(*CreateKernelV2)(const struct OpTable *, const OrtApi *, const void *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, void *);
+} OpTable;
+
+static const char *op_name(const OpTable *op) { (void)op; return "BitConv"; }
+static const char *op_provider(const OpTable *op) { (void)op; return "CPUExecutionProvider"; }
+static int op_input_type(const OpTable *op, size_t i) { (void)op; return i < INPUTS ? input_types[i] : 0; }
+static size_t op_input_count(const OpTable *op) { (void)op; return INPUTS; }
+static int op_output_type(const OpTable *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t op_output_count(const OpTable *op) { (void)op; return 1; }
+static void op_destroy(void *kernel) { (void)kernel; }
+static int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static int op_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static int op_one(const OpTable *op) { (void)op; return 1; }
+static OrtStatus *op_create(const OpTable *op, const OrtApi *a, const void *info, void **kernel) {
+    (void)op; (void)a; (void)info;
+    *kernel = (void *)&api;  /* no per-node state: the geometry travels as an input */
+    return NULL;
+}
+
+static const OpTable bit_conv_op = {
+    API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type, op_output_count,
+    NULL, op_destroy, op_required, op_required, op_memory, op_one, op_one, op_one, op_one, op_create, compute,
+};
+
+static void *domain;  /* one for the process: a domain must outlive every session that uses it */
+
+OrtStatus *RegisterCustomOps(void *options, const ApiBase *base) {
+    api = (void *const *)base->GetApi(API_VERSION);
+    if (!api || !shape_fn || !compute_fn) return NULL;  /* nothing registered; the session reports the op */
+    if (!domain) {
+        OrtStatus *status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("com.onnxopt", &domain);
+        if (!status) status = CALL(CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &bit_conv_op);
+        if (status) { domain = NULL; return status; }
+    }
+    return CALL(ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain);
+}
