@@ -58,6 +58,7 @@ def test_bad_input_is_an_error_not_a_crash(library):
     """A raw session (no onnxopt guard in front) fed the wrong channel count or a too-small image: onnxruntime
     raises with the kernel's reason, and the process goes on."""
     lowered = onnxopt.binarize_convolution(conv_model(np.ones((4, 8, 3, 3), np.float32)))
+    lowered.graph.input[0].type.tensor_type.ClearField("shape")  # so that onnxruntime lets any input through
     sess = _session(lowered, library)
     for x, text in ((np.ones((1, 7, 6, 6), np.float32), "input channels do not match"),
                     (np.ones((1, 8, 2, 2), np.float32), "smaller than the kernel's span"),
