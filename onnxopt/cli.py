@@ -52,8 +52,20 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, previous)
 
 
+def _print_version(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from .runtime import cabi
+
+    click.echo(f"onnxopt {version('onnxopt')}\nlowered layers run on: {cabi.path()}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="onnxopt")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and the path lowered layers run on (C ABI or PyOp bridge), then exit.")
 def cli():
     """Make ONNX models cheaper: low-rank dense layers (factor), binarized convolutions (binarize, lower)."""
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onnxopt
-from onnxopt import runtime
+from onnxopt import api, runtime
 from onnxopt.runtime import cabi, pyop
 
 from test_binarize import conv_model
@@ -35,10 +35,11 @@ def library():
                                                                 HealthCheck.function_scoped_fixture])
 @given(c=st.integers(1, 140), o=st.integers(1, 70), k=st.integers(1, 3), stride=st.integers(1, 2),
        pad=st.integers(0, 2), dilation=st.integers(1, 2), n=st.integers(1, 3), h=st.integers(5, 12),
-       one_d=st.booleans(), seed=st.integers(0, 2**31))
-def test_c_path_equals_pyop_bit_for_bit(library, c, o, k, stride, pad, dilation, n, h, one_d, seed):
-    """Lowered layers over random geometries (Conv1d too), batch > 1 with different samples: the C path and
-    the PyOp bridge run the same kernel on the same data, so the outputs are identical, not close."""
+       one_d=st.booleans(), bits=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=st.integers(0, 2**31))
+def test_c_path_equals_pyop_bit_for_bit(library, c, o, k, stride, pad, dilation, n, h, one_d, bits, seed):
+    """Lowered layers (BitConv, and MultibitBitConv for Kw x Ka other than 1x1) over random geometries (Conv1d
+    too), batch > 1 with samples at different scales: the C path and the PyOp bridge run the same kernels on the
+    same data, so the outputs are identical, not close."""
     rng = np.random.default_rng(seed)
     spatial = 1 if one_d else 2
     w = rng.standard_normal((o, c) + (k,) * spatial)
@@ -46,7 +47,8 @@ def test_c_path_equals_pyop_bit_for_bit(library, c, o, k, stride, pad, dilation,
     attrs = dict(pads=[pad] * 2 * spatial, strides=[stride] * spatial, dilations=[dilation] * spatial)
     x *= rng.uniform(0.1, 10, (n,) + (1,) * (x.ndim - 1))  # samples at very different scales
     model = conv_model(w.astype(np.float32), rng.standard_normal(o).astype(np.float32), **attrs)
-    lowered = onnxopt.binarize_convolution(model)
+    lowered, _ = api.binarize(model, weight_bits=bits[0], activation_bits=bits[1])
+    assert {n.op_type for n in lowered.graph.node} == {"BitConv" if bits == (1, 1) else "MultibitBitConv"}
     assert runtime.custom_op_library(lowered) == library
     feeds = {"X": x.astype(np.float32)}
     (fast,) = _session(lowered, library).run(None, feeds)
@@ -77,3 +79,10 @@ def test_other_custom_ops_and_the_switch_use_pyop(library):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                              env={**os.environ, **env})
         assert out.returncode == 0 and out.stdout.startswith(word), out.stderr
+
+
+def test_version_says_which_path(library):
+    from conftest import cli
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("onnxopt ") and f"C ABI ({library})" in r.stdout, r.stderr

@@ -73,25 +73,33 @@ def accumulate(out, y, s, levels, first):
                     dst[k] += s[b] * src[k]
 
 
-def multibit_bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray,
-                      geometry: np.ndarray) -> np.ndarray:
-    """x float32 (N, C, H, W); wp uint64 [kh, kw, words, Kw·O]; alpha [Kw, O]; bias [O]; geometry: 11 + [Ka]."""
+@njit(cache=True, nogil=True)
+def multibit_bit_conv_into(x, wp, alpha, bias, geometry, out):
+    """x float32 (N, C, H, W); wp uint64 [kh, kw, words, Kw·O]; alpha [Kw, O]; bias [O]; geometry: 11 + [Ka];
+    out (N, O, oh, ow) as bitconv.output_shape gives it."""
     levels_w, o = alpha.shape
-    levels_x = int(geometry[11])
-    conv_geometry = np.ascontiguousarray(geometry[:11])
-    flat_alpha = np.ascontiguousarray(alpha.reshape(-1), dtype=np.float32)
+    levels_x = geometry[11]
+    conv_geometry = geometry[:11].copy()
+    flat_alpha = alpha.copy().reshape(-1)
     zeros = np.zeros(levels_w * o, np.float32)
-    residual, out = np.ascontiguousarray(x), None
+    residual = x
     for j in range(levels_x):
         y = bitconv.bit_conv(residual, wp, flat_alpha, zeros, conv_geometry)
-        if levels_x == 1 and levels_w == 1:
-            out = y
-            break
-        s = mean_abs(residual) if levels_x > 1 else np.ones(len(x), np.float32)
-        if out is None:
-            out = np.empty((len(x), o) + y.shape[2:], np.float32)
+        s = mean_abs(residual) if levels_x > 1 else np.ones(x.shape[0], np.float32)
         accumulate(out, y, s, levels_w, j == 0)
         if j + 1 < levels_x:
             residual = next_residual(residual, s)
-    out += bias.reshape(1, -1, 1, 1)
+    for b in range(out.shape[0]):
+        for c in range(o):
+            out[b, c] += bias[c]
+
+
+def multibit_bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray,
+                      geometry: np.ndarray) -> np.ndarray:
+    """multibit_bit_conv_into a new array."""
+    kh, kw = wp.shape[:2]
+    x = np.ascontiguousarray(x)
+    out = np.empty(bitconv.output_shape(x.shape[0], x.shape[2], x.shape[3], kh, kw, alpha.shape[1], geometry),
+                   np.float32)
+    multibit_bit_conv_into(x, wp, np.ascontiguousarray(alpha, dtype=np.float32), bias, geometry, out)
     return out

@@ -1,12 +1,14 @@
-"""com.onnxopt::BitConv with no Python on the call path: the numba kernel as C-callable functions (@cfunc, no
-GIL), called by a small C library (ortshim.c) that onnxruntime loads as a custom-op library.
+"""The lowered ops (com.onnxopt::BitConv, MultibitBitConv) with no Python on the call path: the numba kernels as
+C-callable functions (@cfunc, no GIL), called by a small C library (ortshim.c) that onnxruntime loads as a
+custom-op library.
 
 The library is compiled from ortshim.c with the system C compiler on first use and cached (ONNXOPT_CACHE_DIR,
 default ~/.cache/onnxopt), then loaded with ctypes so that onnxopt_set_kernels() can hand it the two cfunc
 addresses before onnxruntime opens the same path (dlopen returns the handle already open). Without a compiler,
 or with ONNXOPT_KERNEL_PATH=pyop, sessions use the PyOp bridge (runtime/pyop.py); `path()` says which.
 
-The C path serves BitConv only; a model with another com.onnxopt op runs on the PyOp bridge as a whole.
+The C path serves the lowered ops (BitConv, MultibitBitConv); a model with a trainable com.onnxopt op runs on the
+PyOp bridge as a whole.
 Validation lives here too, as integer checks before any memory is touched: a bad input makes session.run raise
 with one of PROBLEMS, never a crash.
 """
@@ -27,6 +29,8 @@ from numba import carray, cfunc, njit, types
 
 from ..convgeom import MAX_PAD, MAX_STEP
 from ..kernels import bitconv
+from ..kernels import multibit as multibit_kernel
+from ..ops import MAX_LEVELS
 
 SOURCE = Path(__file__).with_name("ortshim.c")
 SLOTS = 8  # per input in the dims buffer: rank, then up to 7 dims (ortshim.c)
@@ -45,19 +49,22 @@ def _start_numba_threads() -> None:
 _start_numba_threads()
 PROBLEMS = (
     "",
-    "onnxopt BitConv: geometry must be 11 int64 values within range",
-    "onnxopt BitConv: packed weight must be uint64 [kh, kw, ceil(channels/64), O] (kh = 1 for 1-D)",
-    "onnxopt BitConv: alpha must be float32 [O]",
-    "onnxopt BitConv: bias must be float32 [O]",
-    "onnxopt BitConv: input rank does not match the layer (4 for 2-D, 3 for 1-D)",
-    "onnxopt BitConv: input channels do not match the layer",
-    "onnxopt BitConv: input has an empty spatial dim",
-    "onnxopt BitConv: input is smaller than the kernel's span: no output",
+    "onnxopt: geometry must be int64 values within range (11 for BitConv; 11 + activation levels 1..4 for "
+    "MultibitBitConv)",
+    "onnxopt: packed weight must be uint64 [kh, kw, ceil(channels/64), O or levels*O] (kh = 1 for 1-D)",
+    "onnxopt: alpha must be float32 [O] (BitConv) or [weight levels 1..4, O] (MultibitBitConv)",
+    "onnxopt: bias must be float32 [O]",
+    "onnxopt: input rank does not match the layer (4 for 2-D, 3 for 1-D)",
+    "onnxopt: input channels do not match the layer",
+    "onnxopt: input has an empty spatial dim",
+    "onnxopt: input is smaller than the kernel's span: no output",
 )
+W, ALPHA, BIAS, GEOMETRY = SLOTS, 2 * SLOTS, 3 * SLOTS, 4 * SLOTS  # where each input's rank sits in dims
 
 
 @njit(cache=True, nogil=True)
 def _geometry_problem(g) -> int:
+    """convgeom.geometry_problem's checks, as integers (1: a problem)."""
     if g[0] != 1 and g[0] != 2:
         return 1
     for i in (1, 2, 7, 8):
@@ -81,22 +88,35 @@ def _input_sizes(dims):
     return dims[1], dims[2], dims[3], dims[4]
 
 
-@cfunc(types.int64(types.CPointer(types.int64), types.CPointer(types.int64)), nogil=True, cache=True)
-def _shape(dims, geometry):
-    """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
-    g = carray(geometry, (11,))
-    if _geometry_problem(g):
+@njit(cache=True, nogil=True)
+def _constants_problem(dims, g, multibit) -> int:
+    """The PROBLEMS code of the weight, alpha, bias and geometry shapes (0: none), from their dims."""
+    if dims[GEOMETRY + 1] != (12 if multibit else 11) or _geometry_problem(g):
         return 1
-    w = SLOTS
-    if dims[w] != 4 or dims[w + 1] < 1 or dims[w + 2] < 1 or dims[w + 4] < 1 or dims[w + 3] != (g[10] + 63) // 64:
+    if multibit and (g[11] < 1 or g[11] > MAX_LEVELS):
+        return 1
+    if dims[W] != 4 or dims[W + 1] < 1 or dims[W + 2] < 1 or dims[W + 4] < 1 or dims[W + 3] != (g[10] + 63) // 64:
         return 2
-    if g[0] == 1 and dims[w + 1] != 1:
+    if g[0] == 1 and dims[W + 1] != 1:
         return 2
-    o = dims[w + 4]
-    if dims[2 * SLOTS] != 1 or dims[2 * SLOTS + 1] != o:
+    levels = dims[ALPHA + 1] if multibit else 1
+    o = dims[ALPHA + 2] if multibit else dims[ALPHA + 1]
+    if dims[ALPHA] != (2 if multibit else 1) or levels < 1 or levels > MAX_LEVELS or dims[W + 4] != levels * o:
         return 3
-    if dims[3 * SLOTS] != 1 or dims[3 * SLOTS + 1] != o:
+    if dims[BIAS] != 1 or dims[BIAS + 1] != o:
         return 4
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _shape(dims, geometry, multibit) -> int:
+    """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
+    g = carray(geometry, (dims[GEOMETRY + 1],))
+    if dims[GEOMETRY + 1] < 11:
+        return 1
+    code = _constants_problem(dims, g, multibit)
+    if code:
+        return code
     if dims[0] != g[0] + 2:
         return 5
     n, c, h, x_w = _input_sizes(dims)
@@ -104,7 +124,8 @@ def _shape(dims, geometry):
         return 6
     if h < 1 or x_w < 1:
         return 7
-    shape = bitconv.output_shape(n, h, x_w, dims[w + 1], dims[w + 2], o, g)
+    o = dims[ALPHA + 2] if multibit else dims[ALPHA + 1]
+    shape = bitconv.output_shape(n, h, x_w, dims[W + 1], dims[W + 2], o, g)
     if shape[2] < 1 or shape[3] < 1:
         return 8
     for i in range(4):
@@ -112,19 +133,50 @@ def _shape(dims, geometry):
     return 0
 
 
-@cfunc(types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64)), nogil=True, cache=True)
-def _compute(data, dims):
+@njit(cache=True, nogil=True)
+def _compute(data, dims, multibit) -> int:
     """The kernel on the tensors `_shape` accepted; the output is already allocated with its dims."""
     n, c, h, w = _input_sizes(dims)
-    kh, kw, cw, o = dims[SLOTS + 1], dims[SLOTS + 2], dims[SLOTS + 3], dims[SLOTS + 4]
+    kh, kw, cw, columns = dims[W + 1], dims[W + 2], dims[W + 3], dims[W + 4]
     x = carray(data[0], (n, c, h, w), np.float32)
-    wp = carray(data[1], (kh, kw, cw, o), np.uint64)
-    alpha = carray(data[2], (o,), np.float32)
-    bias = carray(data[3], (o,), np.float32)
-    geometry = carray(data[4], (11,), np.int64)
+    wp = carray(data[1], (kh, kw, cw, columns), np.uint64)
+    bias = carray(data[3], (dims[BIAS + 1],), np.float32)
+    geometry = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
     out = carray(data[5], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
-    bitconv.bit_conv_into(x, wp, alpha, bias, geometry, out)
+    if multibit:
+        alpha2 = carray(data[2], (dims[ALPHA + 1], dims[ALPHA + 2]), np.float32)
+        multibit_kernel.multibit_bit_conv_into(x, wp, alpha2, bias, geometry, out)
+    else:
+        bitconv.bit_conv_into(x, wp, carray(data[2], (columns,), np.float32), bias, geometry, out)
     return 0
+
+
+SHAPE = types.int64(types.CPointer(types.int64), types.CPointer(types.int64))
+COMPUTE = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64))
+
+
+@cfunc(SHAPE, nogil=True, cache=True)
+def _bit_conv_shape(dims, geometry):
+    return _shape(dims, geometry, False)
+
+
+@cfunc(COMPUTE, nogil=True, cache=True)
+def _bit_conv_compute(data, dims):
+    return _compute(data, dims, False)
+
+
+@cfunc(SHAPE, nogil=True, cache=True)
+def _multibit_shape(dims, geometry):
+    return _shape(dims, geometry, True)
+
+
+@cfunc(COMPUTE, nogil=True, cache=True)
+def _multibit_compute(data, dims):
+    return _compute(data, dims, True)
+
+
+# in the order of ortshim.c's op tables, which is ops.PACKED's: BitConv, MultibitBitConv
+ENTRY_POINTS = [(_bit_conv_shape, _bit_conv_compute), (_multibit_shape, _multibit_compute)]
 
 
 _lock = threading.Lock()
@@ -162,10 +214,10 @@ def _load() -> str:
     path = _build()
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     texts = (ctypes.c_char_p * len(PROBLEMS))(*(p.encode() for p in PROBLEMS))
-    library.onnxopt_set_kernels.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    library.onnxopt_set_kernels(_shape.address, _compute.address, ctypes.cast(texts, ctypes.c_void_p),
-                                len(PROBLEMS))
-    _state["keep"] = (library, texts)  # the C side points into these
+    addresses = (ctypes.c_void_p * (2 * len(ENTRY_POINTS)))(*(f.address for pair in ENTRY_POINTS for f in pair))
+    library.onnxopt_set_kernels.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    library.onnxopt_set_kernels(addresses, ctypes.cast(texts, ctypes.c_void_p), len(PROBLEMS))
+    _state["keep"] = (library, texts)  # the C side points into these (the addresses are copied)
     return str(path)
 
 

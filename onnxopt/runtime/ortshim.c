@@ -1,10 +1,11 @@
-/* onnxopt's com.onnxopt::BitConv for onnxruntime, with no Python on the call path.
+/* onnxopt's lowered ops (com.onnxopt::BitConv, MultibitBitConv) for onnxruntime, with no Python on the call path.
  *
  * Why C: onnxruntime's Python API registers custom ops only from a shared library exporting RegisterCustomOps,
  * and onnxruntime-extensions' PyOp bridge takes the GIL and copies every tensor (33 us a call at batch 1).
- * This file is only the plumbing between onnxruntime's C API and two numba @cfunc functions (runtime/cabi.py),
- * whose addresses Python hands over with onnxopt_set_kernels() before onnxruntime loads this same library
- * (dlopen returns the handle already open). The arithmetic stays in the numba kernel (kernels/bitconv.py).
+ * This file is only the plumbing between onnxruntime's C API and numba @cfunc functions (runtime/cabi.py; a
+ * shape check and a compute per op), whose addresses Python hands over with onnxopt_set_kernels() before
+ * onnxruntime loads this same library (dlopen returns the handle already open). The arithmetic stays in the numba
+ * kernels (kernels/bitconv.py, kernels/multibit.py).
  *
  * onnxruntime's wheel ships no C headers, so the few API entries used are called by their position in the
  * OrtApi function table, which onnxruntime only ever appends to (positions as of API version 16, which every
@@ -50,18 +51,21 @@ typedef void (*ReleaseFn)(void *);
 static void *const *api;  /* the OrtApi table, as function pointers */
 #define CALL(position, type) ((type)api[position])
 
-/* the numba side (runtime/cabi.py): dims holds 5 inputs x (rank, 7 dims), then 4 output dims it fills;
- * each returns 0 or a problem code that cabi.PROBLEMS explains */
+/* the numba side (runtime/cabi.py): dims holds 5 inputs x (rank, 7 dims), then 4 output dims the shape check
+ * fills; each returns 0 or a problem code that cabi.PROBLEMS explains */
 typedef int64_t (*ShapeFn)(int64_t *dims, const int64_t *geometry);
 typedef int64_t (*ComputeFn)(void **data, int64_t *dims);
-static ShapeFn shape_fn;
-static ComputeFn compute_fn;
+#define OPS 2  /* BitConv, MultibitBitConv: cabi.ENTRY_POINTS's order */
+static ShapeFn shape_fns[OPS];
+static ComputeFn compute_fns[OPS];
 static const char *const *problem_text;
 static int64_t problem_count;
 
-void onnxopt_set_kernels(void *shape, void *compute, const char *const *problems, int64_t count) {
-    shape_fn = (ShapeFn)shape;
-    compute_fn = (ComputeFn)compute;
+void onnxopt_set_kernels(void *const *entry_points, const char *const *problems, int64_t count) {
+    for (int i = 0; i < OPS; i++) {
+        shape_fns[i] = (ShapeFn)entry_points[2 * i];
+        compute_fns[i] = (ComputeFn)entry_points[2 * i + 1];
+    }
     problem_text = problems;
     problem_count = count;
 }
@@ -85,32 +89,32 @@ static OrtStatus *read_input(void *context, size_t index, void **data, int64_t *
     if ((status = CALL(GET_TENSOR_TYPE_AND_SHAPE, TypeAndShapeFn)(value, &info))) return status;
     status = CALL(GET_TENSOR_ELEMENT_TYPE, ElementTypeFn)(info, &type);
     if (!status) status = CALL(GET_DIMENSIONS_COUNT, DimsCountFn)(info, &rank);
-    if (!status && rank >= SLOTS) status = fail("onnxopt BitConv: an input has more than 7 dimensions");
+    if (!status && rank >= SLOTS) status = fail("onnxopt: an input has more than 7 dimensions");
     if (!status) status = CALL(GET_DIMENSIONS, DimsFn)(info, slots + 1, rank);
     CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseFn)(info);
     if (status) return status;
-    if (type != input_types[index]) return fail("onnxopt BitConv: an input has the wrong element type");
+    if (type != input_types[index]) return fail("onnxopt: an input has the wrong element type");
     slots[0] = (int64_t)rank;
     return CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)((void *)value, data);
 }
 
 static OrtStatus *problem(int64_t code) {
     if (code > 0 && code < problem_count) return fail(problem_text[code]);
-    return fail("onnxopt BitConv: the kernel refused its inputs");
+    return fail("onnxopt: the kernel refused its inputs");
 }
 
 static OrtStatus *compute(void *kernel, void *context) {
-    (void)kernel;
+    int op = *(const int *)kernel;  /* which op: the kernel state is its index */
     void *data[INPUTS + 1];
     int64_t dims[INPUTS * SLOTS + 4];
     size_t count;
     OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, InputCountFn)(context, &count);
     if (status) return status;
-    if (count != INPUTS) return fail("onnxopt BitConv: expected 5 inputs");
+    if (count != INPUTS) return fail("onnxopt: expected 5 inputs");
     for (size_t i = 0; i < INPUTS; i++)
         if ((status = read_input(context, i, &data[i], dims + i * SLOTS))) return status;
-    if (dims[4 * SLOTS] != 1 || dims[4 * SLOTS + 1] < 11) return problem(1);
-    int64_t code = shape_fn(dims, (const int64_t *)data[4]);
+    if (dims[4 * SLOTS] != 1) return problem(1);
+    int64_t code = shape_fns[op](dims, (const int64_t *)data[4]);
     if (code) return problem(code);
     int64_t *out_dims = dims + INPUTS * SLOTS;
     int64_t out_rank = dims[0];  /* the output has the input's rank (Conv1d: 3) */
@@ -120,7 +124,7 @@ static OrtStatus *compute(void *kernel, void *context) {
     if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, shape, (size_t)out_rank, &output)))
         return status;
     if ((status = CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)(output, &data[INPUTS]))) return status;
-    code = compute_fn(data, dims);
+    code = compute_fns[op](data, dims);
     return code ? problem(code) : NULL;
 }
 
@@ -147,7 +151,9 @@ typedef struct OpTable {
     OrtStatus *(*KernelComputeV2)(void *, void *);
 } OpTable;
 
-static const char *op_name(const OpTable *op) { (void)op; return "BitConv"; }
+typedef struct { OpTable table; int index; const char *name; } Op;  /* table first: ORT hands back &table */
+
+static const char *op_name(const OpTable *op) { return ((const Op *)op)->name; }
 static const char *op_provider(const OpTable *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_input_type(const OpTable *op, size_t i) { (void)op; return i < INPUTS ? input_types[i] : 0; }
 static size_t op_input_count(const OpTable *op) { (void)op; return INPUTS; }
@@ -158,24 +164,25 @@ static int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 
 static int op_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static int op_one(const OpTable *op) { (void)op; return 1; }
 static OrtStatus *op_create(const OpTable *op, const OrtApi *a, const void *info, void **kernel) {
-    (void)op; (void)a; (void)info;
-    *kernel = (void *)&api;  /* no per-node state: the geometry travels as an input */
+    (void)a; (void)info;
+    *kernel = (void *)&((const Op *)op)->index;  /* no per-node state: the geometry travels as an input */
     return NULL;
 }
 
-static const OpTable bit_conv_op = {
-    API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type, op_output_count,
-    NULL, op_destroy, op_required, op_required, op_memory, op_one, op_one, op_one, op_one, op_create, compute,
-};
+#define TABLE {API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type, \
+               op_output_count, NULL, op_destroy, op_required, op_required, op_memory, op_one, op_one, op_one, \
+               op_one, op_create, compute}
+static const Op op_tables[OPS] = {{TABLE, 0, "BitConv"}, {TABLE, 1, "MultibitBitConv"}};
 
 static void *domain;  /* one for the process: a domain must outlive every session that uses it */
 
 OrtStatus *RegisterCustomOps(void *options, const ApiBase *base) {
     api = (void *const *)base->GetApi(API_VERSION);
-    if (!api || !shape_fn || !compute_fn) return NULL;  /* nothing registered; the session reports the op */
+    if (!api || !shape_fns[0]) return NULL;  /* nothing registered; the session then reports the op as unknown */
     if (!domain) {
         OrtStatus *status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("com.onnxopt", &domain);
-        if (!status) status = CALL(CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &bit_conv_op);
+        for (int i = 0; i < OPS && !status; i++)
+            status = CALL(CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &op_tables[i].table);
         if (status) { domain = NULL; return status; }
     }
     return CALL(ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain);
