@@ -50,10 +50,11 @@ def custom_op_library(model: onnx.ModelProto | None = None) -> str:
     """The custom-op library a session for `model` registers: the C ABI one (runtime/cabi.py: no Python per
     call) when every com.onnxopt op in `model` is a lowered one and it is available here, else the PyOp
     bridge's, which serves every op (also when no model is given)."""
-    if model is not None and _custom_op_types(model.graph) <= set(ops.PACKED):
+    used = _custom_op_types(model.graph) if model is not None else None
+    if used is not None and used <= set(ops.PACKED):
         from . import cabi
 
-        found = cabi.library_path()
+        found = cabi.library_path(used)
         if found is not None:
             return found
     from .pyop import register

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from numba import carray, cfunc, njit, types
 
+from .. import ops
 from ..convgeom import MAX_PAD, MAX_STEP
 from ..kernels import bitconv
-from ..kernels import multibit as multibit_kernel
 from ..ops import MAX_LEVELS
 
 SOURCE = Path(__file__).with_name("ortshim.c")
@@ -38,12 +38,18 @@ OUT = 5 * SLOTS  # where the 4 output dims go
 
 
 def _start_numba_threads() -> None:
-    """One parallel kernel call from Python. It starts numba's thread pool, whose scheduler symbols the cfuncs
-    below link against when they are loaded from numba's cache (without it: 'LLVM ERROR: Symbol not found:
-    allocate_sched', which ends the process)."""
-    x = np.zeros((1, 1, 3, 3), np.float32)
-    bitconv.bit_conv(x, np.zeros((1, 1, 1, 1), np.uint64), np.ones(1, np.float32), np.zeros(1, np.float32),
-                     np.array([2, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1], np.int64))
+    """Start numba's thread pool, whose scheduler symbols the cfuncs below link against when they are loaded from
+    numba's cache (without it: 'LLVM ERROR: Symbol not found: allocate_sched', which ends the process). numba
+    starts it on the first parallel call; its starter has no public name, so a tiny parallel call stands in
+    where that name is gone (~0.3 s more: it loads the kernel)."""
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+    except ImportError:
+        x = np.zeros((1, 1, 3, 3), np.float32)
+        bitconv.bit_conv(x, np.zeros((1, 1, 1, 1), np.uint64), np.ones(1, np.float32), np.zeros(1, np.float32),
+                         np.array([2, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1], np.int64))
+    else:
+        _launch_threads()
 
 
 _start_numba_threads()
@@ -109,7 +115,7 @@ def _constants_problem(dims, g, multibit) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _shape(dims, geometry, multibit) -> int:
+def shape(dims, geometry, multibit) -> int:
     """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
     g = carray(geometry, (dims[GEOMETRY + 1],))
     if dims[GEOMETRY + 1] < 11:
@@ -125,30 +131,25 @@ def _shape(dims, geometry, multibit) -> int:
     if h < 1 or x_w < 1:
         return 7
     o = dims[ALPHA + 2] if multibit else dims[ALPHA + 1]
-    shape = bitconv.output_shape(n, h, x_w, dims[W + 1], dims[W + 2], o, g)
-    if shape[2] < 1 or shape[3] < 1:
+    out = bitconv.output_shape(n, h, x_w, dims[W + 1], dims[W + 2], o, g)
+    if out[2] < 1 or out[3] < 1:
         return 8
     for i in range(4):
-        dims[OUT + i] = shape[i]
+        dims[OUT + i] = out[i]
     return 0
 
 
 @njit(cache=True, nogil=True)
-def _compute(data, dims, multibit) -> int:
-    """The kernel on the tensors `_shape` accepted; the output is already allocated with its dims."""
+def tensors(data, dims):
+    """(x, packed weight, bias, geometry, out) as arrays over onnxruntime's buffers, for tensors `shape`
+    accepted; the output is already allocated with its dims."""
     n, c, h, w = _input_sizes(dims)
-    kh, kw, cw, columns = dims[W + 1], dims[W + 2], dims[W + 3], dims[W + 4]
     x = carray(data[0], (n, c, h, w), np.float32)
-    wp = carray(data[1], (kh, kw, cw, columns), np.uint64)
+    wp = carray(data[1], (dims[W + 1], dims[W + 2], dims[W + 3], dims[W + 4]), np.uint64)
     bias = carray(data[3], (dims[BIAS + 1],), np.float32)
     geometry = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
     out = carray(data[5], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
-    if multibit:
-        alpha2 = carray(data[2], (dims[ALPHA + 1], dims[ALPHA + 2]), np.float32)
-        multibit_kernel.multibit_bit_conv_into(x, wp, alpha2, bias, geometry, out)
-    else:
-        bitconv.bit_conv_into(x, wp, carray(data[2], (columns,), np.float32), bias, geometry, out)
-    return 0
+    return x, wp, bias, geometry, out
 
 
 SHAPE = types.int64(types.CPointer(types.int64), types.CPointer(types.int64))
@@ -157,26 +158,20 @@ COMPUTE = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64)
 
 @cfunc(SHAPE, nogil=True, cache=True)
 def _bit_conv_shape(dims, geometry):
-    return _shape(dims, geometry, False)
+    return shape(dims, geometry, False)
 
 
 @cfunc(COMPUTE, nogil=True, cache=True)
 def _bit_conv_compute(data, dims):
-    return _compute(data, dims, False)
+    x, wp, bias, geometry, out = tensors(data, dims)
+    bitconv.bit_conv_into(x, wp, carray(data[2], (dims[ALPHA + 1],), np.float32), bias, geometry, out)
+    return 0
 
 
-@cfunc(SHAPE, nogil=True, cache=True)
-def _multibit_shape(dims, geometry):
-    return _shape(dims, geometry, True)
-
-
-@cfunc(COMPUTE, nogil=True, cache=True)
-def _multibit_compute(data, dims):
-    return _compute(data, dims, True)
-
-
-# in the order of ortshim.c's op tables, which is ops.PACKED's: BitConv, MultibitBitConv
-ENTRY_POINTS = [(_bit_conv_shape, _bit_conv_compute), (_multibit_shape, _multibit_compute)]
+ENTRY_POINTS = (_bit_conv_shape, _bit_conv_compute)
+# the entry points of the op at each position of ortshim.c's op tables (ops.PACKED's order), made when a model
+# first needs that op: loading one pair from numba's cache takes ~0.1 s
+ENTRY_MODULES = {ops.BIT_CONV: (0, __name__), ops.MULTIBIT_BIT_CONV: (1, "onnxopt.runtime.cabi_multibit")}
 
 
 _lock = threading.Lock()
@@ -214,15 +209,28 @@ def _load() -> str:
     path = _build()
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     texts = (ctypes.c_char_p * len(PROBLEMS))(*(p.encode() for p in PROBLEMS))
-    addresses = (ctypes.c_void_p * (2 * len(ENTRY_POINTS)))(*(f.address for pair in ENTRY_POINTS for f in pair))
-    library.onnxopt_set_kernels.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    library.onnxopt_set_kernels(addresses, ctypes.cast(texts, ctypes.c_void_p), len(PROBLEMS))
-    _state["keep"] = (library, texts)  # the C side points into these (the addresses are copied)
+    library.onnxopt_set_problems.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    library.onnxopt_set_problems(ctypes.cast(texts, ctypes.c_void_p), len(PROBLEMS))
+    library.onnxopt_set_kernels.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    _state["library"], _state["texts"] = library, texts  # the C side points into these
+    _state["ready"] = set()
     return str(path)
 
 
-def library_path() -> str | None:
-    """The C-path library for SessionOptions.register_custom_ops_library, or None (see `path()` for why)."""
+def _provide(op_types) -> None:
+    """Hand the C library the entry points of `op_types` not handed over yet (before a session needs them)."""
+    import importlib
+
+    for op_type in sorted(set(op_types) - _state["ready"]):
+        index, module = ENTRY_MODULES[op_type]
+        shape, compute = importlib.import_module(module).ENTRY_POINTS
+        _state["library"].onnxopt_set_kernels(index, shape.address, compute.address)
+        _state["ready"].add(op_type)
+
+
+def library_path(op_types=(ops.BIT_CONV,)) -> str | None:
+    """The C-path library for SessionOptions.register_custom_ops_library, ready to run `op_types` (lowered op
+    types), or None (see `path()` for why)."""
     with _lock:
         if "path" not in _state and "error" not in _state:
             if os.environ.get("ONNXOPT_KERNEL_PATH", "").lower() == "pyop":
@@ -234,6 +242,8 @@ def library_path() -> str | None:
                     _state["error"] = str(exc)
                     print(f"onnxopt: warning: the C kernel path is off ({exc}); using the PyOp bridge",
                           file=sys.stderr)
+        if "path" in _state:
+            _provide(op_types)
     return _state.get("path")
 
 

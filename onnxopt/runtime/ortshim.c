@@ -55,19 +55,22 @@ static void *const *api;  /* the OrtApi table, as function pointers */
  * fills; each returns 0 or a problem code that cabi.PROBLEMS explains */
 typedef int64_t (*ShapeFn)(int64_t *dims, const int64_t *geometry);
 typedef int64_t (*ComputeFn)(void **data, int64_t *dims);
-#define OPS 2  /* BitConv, MultibitBitConv: cabi.ENTRY_POINTS's order */
+#define OPS 2  /* BitConv, MultibitBitConv: cabi.ENTRY_MODULES' positions */
 static ShapeFn shape_fns[OPS];
 static ComputeFn compute_fns[OPS];
 static const char *const *problem_text;
 static int64_t problem_count;
 
-void onnxopt_set_kernels(void *const *entry_points, const char *const *problems, int64_t count) {
-    for (int i = 0; i < OPS; i++) {
-        shape_fns[i] = (ShapeFn)entry_points[2 * i];
-        compute_fns[i] = (ComputeFn)entry_points[2 * i + 1];
-    }
+void onnxopt_set_problems(const char *const *problems, int64_t count) {
     problem_text = problems;
     problem_count = count;
+}
+
+/* the entry points of op `op` (cabi.ENTRY_MODULES' positions), handed over before a session needs them */
+void onnxopt_set_kernels(int op, void *shape, void *compute) {
+    if (op < 0 || op >= OPS) return;
+    shape_fns[op] = (ShapeFn)shape;
+    compute_fns[op] = (ComputeFn)compute;
 }
 
 #define INPUTS 5
@@ -114,6 +117,8 @@ static OrtStatus *compute(void *kernel, void *context) {
     for (size_t i = 0; i < INPUTS; i++)
         if ((status = read_input(context, i, &data[i], dims + i * SLOTS))) return status;
     if (dims[4 * SLOTS] != 1) return problem(1);
+    if (!shape_fns[op] || !compute_fns[op]) return fail("onnxopt: this op's kernel was not loaded (make the "
+                                                        "session with onnxopt.session or session_options(model=))");
     int64_t code = shape_fns[op](dims, (const int64_t *)data[4]);
     if (code) return problem(code);
     int64_t *out_dims = dims + INPUTS * SLOTS;
@@ -178,7 +183,7 @@ static void *domain;  /* one for the process: a domain must outlive every sessio
 
 OrtStatus *RegisterCustomOps(void *options, const ApiBase *base) {
     api = (void *const *)base->GetApi(API_VERSION);
-    if (!api || !shape_fns[0]) return NULL;  /* nothing registered; the session then reports the op as unknown */
+    if (!api || !problem_text) return NULL;  /* nothing registered; the session then reports the op as unknown */
     if (!domain) {
         OrtStatus *status = CALL(CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("com.onnxopt", &domain);
         for (int i = 0; i < OPS && !status; i++)

@@ -1,0 +1,23 @@
+"""The C entry points of com.onnxopt::MultibitBitConv (runtime/cabi.py says how the C path works), in a module of
+their own: numba loads them from its cache only when a model needs them (~0.1 s)."""
+import numpy as np
+from numba import carray, cfunc
+
+from ..kernels.multibit import multibit_bit_conv_into
+from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
+
+
+@cfunc(SHAPE, nogil=True, cache=True)
+def _multibit_shape(dims, geometry):
+    return shape(dims, geometry, True)
+
+
+@cfunc(COMPUTE, nogil=True, cache=True)
+def _multibit_compute(data, dims):
+    x, wp, bias, geometry, out = tensors(data, dims)
+    alpha = carray(data[2], (dims[ALPHA + 1], dims[ALPHA + 2]), np.float32)
+    multibit_bit_conv_into(x, wp, alpha, bias, geometry, out)
+    return 0
+
+
+ENTRY_POINTS = (_multibit_shape, _multibit_compute)
