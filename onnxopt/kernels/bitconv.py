@@ -281,13 +281,14 @@ def bit_conv(x, wp, alpha, bias, geometry):
     return out
 
 
-def cold_cache() -> str | None:
-    """The folder numba will write the compiled kernel to, when it has no compiled copy there yet (the first use
-    on this machine then pauses for the compile, ~7 s); None when the cache is warm or cannot be told."""
+def cold_cache(kernel=None) -> str | None:
+    """The folder numba will write the compiled `kernel` (default bit_conv) to, when it has no compiled copy there
+    yet (the first use on this machine then pauses for the compile, ~7 s); None when the cache is warm or cannot
+    be told."""
     import os
 
     try:  # numba's cache object is not public API: any change there only silences the notice
-        index = bit_conv._cache._cache_file._index_path
+        index = (kernel or bit_conv)._cache._cache_file._index_path
     except AttributeError:
         return None
     return None if os.path.exists(index) else os.path.dirname(index)

@@ -44,7 +44,7 @@ def _packed(kernel_name: str):
         from ..kernels import bitconv, multibit
 
         kernel = {"bit_conv": bitconv.bit_conv, "multibit_bit_conv": multibit.multibit_bit_conv}[kernel_name]
-        _compile_notice(bitconv)
+        compile_notice(bitconv.bit_conv)
         x4 = x[:, :, None, :] if geometry[0] == 1 else x
         out = kernel(np.ascontiguousarray(x4, dtype=np.float32), w_packed, alpha, bias, geometry)
         return out[:, :, 0, :] if geometry[0] == 1 else out
@@ -57,13 +57,16 @@ _bit_conv, _multibit_bit_conv = _packed("bit_conv"), _packed("multibit_bit_conv"
 _noticed = False
 
 
-def _compile_notice(bitconv) -> None:
-    """One line on stderr before the first compile of the kernel on this machine, so a ~7 s pause has a reason."""
+def compile_notice(kernel) -> None:
+    """One line on stderr before the first compile of the kernel on this machine, so a ~7 s pause has a reason
+    (`kernel`: the numba function whose cache tells; the PyOp and C paths compile different entry points)."""
+    from ..kernels import bitconv
+
     global _noticed
     if _noticed:
         return
     _noticed = True
-    folder = bitconv.cold_cache()
+    folder = bitconv.cold_cache(kernel)
     if folder is not None:
         sys.stderr.write(f"onnxopt: compiling the bit-packed convolution kernel for this CPU (once, a few seconds; "
                          f"cached in {folder})\n")
