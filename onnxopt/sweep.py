@@ -302,32 +302,33 @@ def _tradeoff_chart(plt, result: SweepResult, key: str, title: str, unit: str) -
     return _svg(fig)
 
 
-def _front_layers(result: SweepResult, most: int = 4) -> tuple[list[str], dict, list[dict]]:
-    """The layers any of the (at most `most`, smallest first) front candidates changed, their input-model
-    params/FLOPs, and those candidates."""
+def _front_layers(result: SweepResult, most: int = 4) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The layers any of the (at most `most`, smallest first) front candidates changed, and per column (the input
+    model, then those candidates) its label and {layer: {"params", "flops"}}; a layer a candidate left alone
+    keeps the input model's figures."""
     front = sorted((r for r in result.rows if r["front"]), key=lambda r: r["size"])[:most]
     before: dict[str, dict] = {}
     for r in front:
         for x in r["layers"]:
             before.setdefault(x["name"], {"params": x["params_before"], "flops": x["flops_before"]})
-    return list(before), before, front
+    columns = [("input model", before)]
+    for r in front:
+        changed = {x["name"]: {"params": x["params_after"], "flops": x["flops_after"]} for x in r["layers"]}
+        columns.append((r["label"], {name: changed.get(name, figures) for name, figures in before.items()}))
+    return list(before), columns
 
 
 def _layer_chart(plt, result: SweepResult, what: str) -> str | None:
     """Per layer, `what` (params or flops) of the input model beside each front candidate's: grouped bars."""
     import numpy as np
 
-    names, before, front = _front_layers(result)
+    names, columns = _front_layers(result)
     if not names:
         return None
-    series = [("input model", [before[n][what] for n in names])]
-    for r in front:
-        after = {x["name"]: x[f"{what}_after"] for x in r["layers"]}
-        series.append((r["label"], [after.get(n, before[n][what]) for n in names]))
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(names) * len(series) / 2))
-    height = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        ax.barh(np.arange(len(names)) + i * height, values, height, label=label)
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(names) * len(columns) / 2))
+    height = 0.8 / len(columns)
+    for i, (label, figures) in enumerate(columns):
+        ax.barh(np.arange(len(names)) + i * height, [figures[n][what] for n in names], height, label=label)
     ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names, fontsize=7)
     ax.invert_yaxis()
     noun = "parameters" if what == "params" else "float FLOPs per sample"
@@ -339,22 +340,16 @@ def _layer_chart(plt, result: SweepResult, what: str) -> str | None:
 def _layer_table(result: SweepResult) -> str:
     import html
 
-    names, before, front = _front_layers(result)
+    names, columns = _front_layers(result)
     if not names:
         return ""
-    head = "".join(f"<th colspan='2'>{html.escape(r['label'])}</th>" for r in front)
-    sub = "".join("<th>params</th><th>FLOPs</th>" for _ in front)
-    rows = []
-    for n in names:
-        cells = []
-        for r in front:
-            x = next((x for x in r["layers"] if x["name"] == n), None)
-            p, f = (x["params_after"], x["flops_after"]) if x else (before[n]["params"], before[n]["flops"])
-            cells.append(f"<td>{p:,}</td><td>{f:,}</td>")
-        rows.append(f"<tr><td>{html.escape(n)}</td><td>{before[n]['params']:,}</td>"
-                    f"<td>{before[n]['flops']:,}</td>{''.join(cells)}</tr>")
-    return ("<h2>Per layer: the Pareto front</h2><table><tr><th rowspan='2'>layer</th><th colspan='2'>input "
-            f"model</th>{head}</tr><tr>{'<th>params</th><th>FLOPs</th>'}{sub}</tr>{''.join(rows)}</table>")
+    head = "".join(f"<th colspan='2'>{html.escape(label)}</th>" for label, _ in columns)
+    sub = "<th>params</th><th>FLOPs</th>" * len(columns)
+    rows = "".join(f"<tr><td>{html.escape(n)}</td>"
+                   + "".join(f"<td>{f[n]['params']:,}</td><td>{f[n]['flops']:,}</td>" for _, f in columns) + "</tr>"
+                   for n in names)
+    return (f"<h2>Per layer: the Pareto front</h2><table><tr><th rowspan='2'>layer</th>{head}</tr>"
+            f"<tr>{sub}</tr>{rows}</table>")
 
 
 def html_report(result: SweepResult) -> str:
