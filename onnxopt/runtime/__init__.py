@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +52,6 @@ def custom_op_library(model: onnx.ModelProto | None = None) -> str:
     bridge's, which serves every op (also when no model is given)."""
     used = _custom_op_types(model.graph) if model is not None else None
     if used is not None and used <= set(ops.PACKED):
-        if "onnxopt.runtime.cabi" not in sys.modules:  # its import compiles the C entry points when cold
-            from ..kernels import bitconv
-            from .pyop import compile_notice
-
-            compile_notice(bitconv.bit_conv_into)
         from . import cabi
 
         found = cabi.library_path(used)

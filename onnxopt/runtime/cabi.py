@@ -3,8 +3,9 @@ C-callable functions (@cfunc, no GIL), called by a small C library (ortshim.c) t
 custom-op library.
 
 The library is compiled from ortshim.c with the system C compiler on first use and cached (ONNXOPT_CACHE_DIR,
-default ~/.cache/onnxopt), then loaded with ctypes so that onnxopt_set_kernels() can hand it the two cfunc
-addresses before onnxruntime opens the same path (dlopen returns the handle already open). Without a compiler,
+default ~/.cache/onnxopt), then loaded with ctypes so that onnxopt_set_kernels() can hand it each op's two cfunc
+addresses (cabi_bitconv.py, cabi_multibit.py: imported, so compiled or loaded by numba, only when a model needs
+that op) before onnxruntime opens the same path (dlopen returns the handle already open). Without a compiler,
 or with ONNXOPT_KERNEL_PATH=pyop, sessions use the PyOp bridge (runtime/pyop.py); `path()` says which.
 
 The C path serves the lowered ops (BitConv, MultibitBitConv); a model with a trainable com.onnxopt op runs on the
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, njit, types
 
 from .. import ops
 from ..convgeom import MAX_PAD, MAX_STEP
@@ -38,8 +39,8 @@ OUT = 5 * SLOTS  # where the 4 output dims go
 
 
 def _start_numba_threads() -> None:
-    """Start numba's thread pool, whose scheduler symbols the cfuncs below link against when they are loaded from
-    numba's cache (without it: 'LLVM ERROR: Symbol not found: allocate_sched', which ends the process). numba
+    """Start numba's thread pool, whose scheduler symbols the entry-point cfuncs link against when they are loaded
+    from numba's cache (without it: 'LLVM ERROR: Symbol not found: allocate_sched', which ends the process). numba
     starts it on the first parallel call; its starter has no public name, so a tiny parallel call stands in
     where that name is gone (~0.3 s more: it loads the kernel)."""
     try:
@@ -52,7 +53,6 @@ def _start_numba_threads() -> None:
         _launch_threads()
 
 
-_start_numba_threads()
 PROBLEMS = (
     "",
     "onnxopt: geometry must be int64 values within range (11 for BitConv; 11 + activation levels 1..4 for "
@@ -118,9 +118,7 @@ def _constants_problem(dims, g, multibit) -> int:
 def shape(dims, geometry, multibit) -> int:
     """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
     g = carray(geometry, (dims[GEOMETRY + 1],))
-    if dims[GEOMETRY + 1] < 11:
-        return 1
-    code = _constants_problem(dims, g, multibit)
+    code = _constants_problem(dims, g, multibit)  # checks the geometry's length before reading it
     if code:
         return code
     if dims[0] != g[0] + 2:
@@ -154,24 +152,9 @@ def tensors(data, dims):
 
 SHAPE = types.int64(types.CPointer(types.int64), types.CPointer(types.int64))
 COMPUTE = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64))
-
-
-@cfunc(SHAPE, nogil=True, cache=True)
-def _bit_conv_shape(dims, geometry):
-    return shape(dims, geometry, False)
-
-
-@cfunc(COMPUTE, nogil=True, cache=True)
-def _bit_conv_compute(data, dims):
-    x, wp, bias, geometry, out = tensors(data, dims)
-    bitconv.bit_conv_into(x, wp, carray(data[2], (dims[ALPHA + 1],), np.float32), bias, geometry, out)
-    return 0
-
-
-ENTRY_POINTS = (_bit_conv_shape, _bit_conv_compute)
-# the entry points of the op at each position of ortshim.c's op tables (ops.PACKED's order), made when a model
-# first needs that op: loading one pair from numba's cache takes ~0.1 s
-ENTRY_MODULES = {ops.BIT_CONV: (0, __name__), ops.MULTIBIT_BIT_CONV: (1, "onnxopt.runtime.cabi_multibit")}
+# per lowered op: its position in ortshim.c's op tables (ops.PACKED's order) and the module of its entry points
+ENTRY_MODULES = {ops.BIT_CONV: (0, "onnxopt.runtime.cabi_bitconv"),
+                 ops.MULTIBIT_BIT_CONV: (1, "onnxopt.runtime.cabi_multibit")}
 
 
 _lock = threading.Lock()
@@ -218,10 +201,18 @@ def _load() -> str:
 
 
 def _provide(op_types) -> None:
-    """Hand the C library the entry points of `op_types` not handed over yet (before a session needs them)."""
+    """Hand the C library the entry points of `op_types` not handed over yet (before a session needs them).
+    Importing an entry module makes numba compile its cfuncs (first use on this machine, announced) or load
+    them from its cache (~0.1 s a pair)."""
     import importlib
 
-    for op_type in sorted(set(op_types) - _state["ready"]):
+    from .pyop import compile_notice
+
+    missing = sorted(set(op_types) - _state["ready"])
+    if missing and not _state["ready"]:
+        compile_notice(bitconv.bit_conv_into)
+        _start_numba_threads()
+    for op_type in missing:
         index, module = ENTRY_MODULES[op_type]
         shape, compute = importlib.import_module(module).ENTRY_POINTS
         _state["library"].onnxopt_set_kernels(index, shape.address, compute.address)

@@ -1,5 +1,5 @@
-"""The C entry points of com.onnxopt::MultibitBitConv (runtime/cabi.py says how the C path works), in a module of
-their own: numba loads them from its cache only when a model needs them (~0.1 s)."""
+"""The C entry points of com.onnxopt::MultibitBitConv (runtime/cabi.py says how the C path works), imported when a
+model first needs them."""
 import numpy as np
 from numba import carray, cfunc
 

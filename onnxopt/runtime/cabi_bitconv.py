@@ -1,0 +1,22 @@
+"""The C entry points of com.onnxopt::BitConv (runtime/cabi.py says how the C path works), imported when a model
+first needs them."""
+import numpy as np
+from numba import carray, cfunc
+
+from ..kernels.bitconv import bit_conv_into
+from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
+
+
+@cfunc(SHAPE, nogil=True, cache=True)
+def _bit_conv_shape(dims, geometry):
+    return shape(dims, geometry, False)
+
+
+@cfunc(COMPUTE, nogil=True, cache=True)
+def _bit_conv_compute(data, dims):
+    x, wp, bias, geometry, out = tensors(data, dims)
+    bit_conv_into(x, wp, carray(data[2], (dims[ALPHA + 1],), np.float32), bias, geometry, out)
+    return 0
+
+
+ENTRY_POINTS = (_bit_conv_shape, _bit_conv_compute)
