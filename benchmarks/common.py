@@ -22,15 +22,20 @@ def median_ms(fn, repeat=30, warmup=3, min_seconds=0.3):
     return statistics.median(times)
 
 
-def paired_ms(fa, fb, rounds=7, block=15):
+def paired_ms(fa, fb, rounds=7, block=15, settle_s=0.06):
     """Median ms of fa and of fb, timed in alternating blocks: machine noise (this VM shares its cores)
     lands on both sides of the ratio alike, while each side still runs back to back as a user's model
     would (calling them strictly in turn measures the two thread pools waking each other instead)."""
     ta, tb = [], []
     for _ in range(rounds):
         for fn, times in ((fa, ta), (fb, tb)):
-            for _ in range(5):  # the first calls of a block pay for the other pool winding down
+            # the first calls of a block pay for the other pool winding down: an onnxruntime session with
+            # spinning on (the float side) keeps a core busy for tens of ms after its last run, and a 3 ms
+            # multi-bit conv ran 2x slower for its first ~15 calls (measured; 50 ms of quiet removed it)
+            start, calls = time.perf_counter(), 0
+            while calls < 5 or time.perf_counter() - start < settle_s:
                 fn()
+                calls += 1
             for _ in range(block):
                 t = time.perf_counter()
                 fn()
@@ -60,9 +65,14 @@ def kernel_timer():
 
 
 def isa_label():
+    """What the bit-packed kernel compiles to in this process: the host's ISA unless --avx2 forced AVX2 code."""
     import os
 
-    return "AVX2 only" if "avx512" not in os.environ.get("NUMBA_CPU_FEATURES", "avx512") else "host (AVX-512)"
+    from onnxopt.kernels import bitconv
+
+    if "avx512" not in os.environ.get("NUMBA_CPU_FEATURES", "avx512"):
+        return "AVX2 only (forced)"
+    return "host, AVX-512 VPOPCNTQ" if bitconv.WIDE else "host, AVX2 (no AVX-512 on this CPU)"
 
 
 def single_node_model(node, inputs, inits, opset=17):

@@ -10,7 +10,7 @@ Layouts:
 - packed weights [kh, kw, channel_word, out_channel] (`packing.pack_weights`), one word broadcast to
   all eight pixel lanes.
 A padded tap reads a zero word and adds popcount(w) where the true contribution is 0; border pixels
-subtract that back (`_padding_terms`), so padding stays exact zero.
+subtract that back (`padding_terms`), so padding stays exact zero.
 
 The inner loop computes a tile of 8 output pixels (the vector lanes, `simd.vec8`) × 8 output channels (4
 with AVX2 only), one accumulator register each: per tap and 64 input channels, one input-vector load and
@@ -130,7 +130,7 @@ def _pattern_ids(k, d, stride, pad, size, out_size):
 
 
 @njit(cache=True, nogil=True)
-def _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
+def padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     """What padding changes, computed once per call rather than per image and channel tile:
     base[r, col] = valid taps × channels (the ±1 count a pixel's sum starts from); the pixels with padded
     taps, row r's in cols[starts[r]:starts[r + 1]], each with a pattern index into excess, where
@@ -184,6 +184,48 @@ def _finish_row(sums, k0, k1, i, r, base, starts, cols, patterns, excess, alpha,
             out[i, k, r, col] = total * scale + shift
 
 
+@njit(cache=True, nogil=True, inline="always")
+def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, last, tiles, flat):
+    """Popcount sums of one output row for output channels k_start..k_stop (columns of wflat, o of them in all,
+    `last` the highest one this tile may read) into flat = sums[k − k_start, col], row stride tiles·8."""
+    steps = offsets.shape[0]
+    stride = tiles * TILE_PIXELS
+    for k0 in range(k_start, k_stop, TILE_CHANNELS):
+        # a short last tile repeats the last channel, so the inner loop has no branch
+        k1, k2, k3 = min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
+        k4, k5, k6, k7 = min(k0 + 4, last), min(k0 + 5, last), min(k0 + 6, last), min(k0 + 7, last)
+        row0 = (k0 - k_start) * stride
+        # WIDE is a compile-time constant: numba drops the a4–a7 code when it is False
+        for tile in range(tiles):
+            col0 = tile * TILE_PIXELS
+            origin = row_origin + col0 * sw
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
+            for t in range(steps):
+                if sw == 1:
+                    x = simd.load(xflat, origin + offsets[t])
+                else:
+                    x = simd.load_strided(xflat, origin + offsets[t], sw)
+                wt = t * o
+                a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
+                a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
+                a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
+                a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
+                if WIDE:
+                    a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
+                    a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
+                    a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
+                    a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
+            simd.store(flat, row0 + col0, a0)
+            simd.store(flat, row0 + stride + col0, a1)
+            simd.store(flat, row0 + 2 * stride + col0, a2)
+            simd.store(flat, row0 + 3 * stride + col0, a3)
+            if WIDE:
+                simd.store(flat, row0 + 4 * stride + col0, a4)
+                simd.store(flat, row0 + 5 * stride + col0, a5)
+                simd.store(flat, row0 + 6 * stride + col0, a6)
+                simd.store(flat, row0 + 7 * stride + col0, a7)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out):
     """out (N, O, OH, OW) = α·(valid_taps·C − 2·Σ popcount(x ⊕ w)) + bias; xp from `pack_input`."""
@@ -193,55 +235,18 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
     xflat = xp.reshape(-1)
     wflat = wp.reshape(-1)  # [(a·kw + b)·cw + c]·o + k
     offsets = tap_offsets(kh, kw, cw, dh, dw, cols)
-    steps = offsets.shape[0]
     groups = (o + GROUP_CHANNELS - 1) // GROUP_CHANNELS
     tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
-    stride = tiles * TILE_PIXELS
-    base, starts, border_cols, patterns, excess = _padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w,
+    base, starts, border_cols, patterns, excess = padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w,
                                                                  oh, ow)
-    last = o - 1
     for job in prange(n * oh * groups):
         g = job % groups
         i = job // (oh * groups)
         r = (job // groups) % oh
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
-        sums = np.empty((GROUP_CHANNELS, stride), np.int32)  # the job's rows, scaled out together at the end
-        flat = sums.reshape(-1)
-        for k0 in range(g0, g1, TILE_CHANNELS):
-            # a short last tile repeats the last channel, so the inner loop has no branch
-            k1, k2, k3 = min(k0 + 1, last), min(k0 + 2, last), min(k0 + 3, last)
-            k4, k5, k6, k7 = min(k0 + 4, last), min(k0 + 5, last), min(k0 + 6, last), min(k0 + 7, last)
-            row0 = (k0 - g0) * stride
-            # WIDE is a compile-time constant: numba drops the a4–a7 code when it is False
-            for tile in range(tiles):
-                col0 = tile * TILE_PIXELS
-                origin = row_origin + col0 * sw
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
-                for t in range(steps):
-                    if sw == 1:
-                        x = simd.load(xflat, origin + offsets[t])
-                    else:
-                        x = simd.load_strided(xflat, origin + offsets[t], sw)
-                    wt = t * o
-                    a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
-                    a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
-                    a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
-                    a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
-                    if WIDE:
-                        a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
-                        a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
-                        a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
-                        a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
-                simd.store(flat, row0 + col0, a0)
-                simd.store(flat, row0 + stride + col0, a1)
-                simd.store(flat, row0 + 2 * stride + col0, a2)
-                simd.store(flat, row0 + 3 * stride + col0, a3)
-                if WIDE:
-                    simd.store(flat, row0 + 4 * stride + col0, a4)
-                    simd.store(flat, row0 + 5 * stride + col0, a5)
-                    simd.store(flat, row0 + 6 * stride + col0, a6)
-                    simd.store(flat, row0 + 7 * stride + col0, a7)
+        sums = np.empty((GROUP_CHANNELS, tiles * TILE_PIXELS), np.int32)  # the job's rows, scaled out at the end
+        channel_tiles(xflat, wflat, offsets, row_origin, sw, o, g0, g1, o - 1, tiles, sums.reshape(-1))
         _finish_row(sums, g0, g1, i, r, base, starts, border_cols, patterns, excess, alpha, bias, out)
 
 
@@ -249,24 +254,29 @@ resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)
 
 
 @njit(cache=True, nogil=True)
+def placement(h, w, kh, kw, geometry):
+    """(top padding, left padding, oh, ow) of a kh x kw kernel over an h x w input; geometry is the int64 encoding
+    of `convgeom.Geometry` (strides at 1-2, pads 3-6, dilations 7-8, auto_pad 9, channels 10)."""
+    pt, oh = resolve_axis(h, kh, geometry[1], geometry[7], geometry[3], geometry[5], geometry[9])
+    pl, ow = resolve_axis(w, kw, geometry[2], geometry[8], geometry[4], geometry[6], geometry[9])
+    return pt, pl, oh, ow
+
+
+@njit(cache=True, nogil=True)
 def output_shape(n, h, w, kh, kw, o, geometry):
     """(n, O, oh, ow) of bit_conv for an input (n, C, h, w) and a kh x kw kernel with O outputs; oh or ow < 1
     when the input is smaller than the kernel's span."""
-    sh, sw, dh, dw, auto_pad = geometry[1], geometry[2], geometry[7], geometry[8], geometry[9]
-    oh = resolve_axis(h, kh, sh, dh, geometry[3], geometry[5], auto_pad)[1]
-    ow = resolve_axis(w, kw, sw, dw, geometry[4], geometry[6], auto_pad)[1]
+    _, _, oh, ow = placement(h, w, kh, kw, geometry)
     return n, o, oh, ow
 
 
 @njit(cache=True, nogil=True)
 def bit_conv_into(x, wp, alpha, bias, geometry, out):
-    """Binarize and pack x (N, C, H, W) float32, then convolve with packed weights into `out` (output_shape);
-    geometry is the int64 encoding of `convgeom.Geometry`."""
+    """Binarize and pack x (N, C, H, W) float32, then convolve with packed weights into `out` (output_shape)."""
     n, _, h, w = x.shape
     kh, kw, cw, _ = wp.shape
-    sh, sw, dh, dw, auto_pad, channels = geometry[1], geometry[2], geometry[7], geometry[8], geometry[9], geometry[10]
-    pt, oh = resolve_axis(h, kh, sh, dh, geometry[3], geometry[5], auto_pad)
-    pl, ow = resolve_axis(w, kw, sw, dw, geometry[4], geometry[6], auto_pad)
+    sh, sw, dh, dw, channels = geometry[1], geometry[2], geometry[7], geometry[8], geometry[10]
+    pt, pl, oh, ow = placement(h, w, kh, kw, geometry)
     xp = np.zeros(padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw), np.uint64)
     pack_input(x, pt, pl, xp)
     conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)

@@ -1,12 +1,12 @@
-"""The lowered multi-bit convolution, bit-serial on the 1-bit kernel (kernels/bitconv.py).
+"""The lowered multi-bit convolution: bit-serial, on the 1-bit kernel's tiles (kernels/bitconv.py).
 
-Conv(Σ_j s_j·B_j(X), Σ_i α_i·B_i(W)) = Σ_j s_j · Σ_i α_i ⊙ Conv(B_j, B_i): the Kw weight planes are packed side by side
-as Kw·O output channels, so one pass of the 1-bit kernel per activation level computes every weight level at once
-with the kernel's own tiling and packing (Ka passes in all, each Kw·O channels wide). The 1-bit kernel binarizes
-its float input itself, so each pass is given the residual R_j, whose signs are B_j. Zero padding stays exact
-(the kernel's). Between passes, one parallel sweep makes the next residual and its per-sample mean, and one more
-adds the pass's Kw column blocks, scaled by the sample's s_j, into the output (numpy took two thirds of the time
-with its temporaries).
+Conv(Σ_j s_j·B_j(X), Σ_i α_i·B_i(W)) = Σ_j s_j · Σ_i α_i ⊙ Conv(B_j, B_i). The Kw weight planes are packed side by
+side as Kw·O output channels; the Ka activation planes are packed in one pass over X into Ka copies of the 1-bit
+kernel's packed layout (B_j = b(R_j) with R_(j+1) = R_j − s_j·B_j needs only the scales before it, so once the Ka
+per-sample scales are known, each element's residual chain gives all its bits). One parallel job per
+(sample, output row, channel group) then runs the 1-bit register tile for each of the Kw × Ka plane pairs and adds
+each pair's sums, scaled by α_i·s_j, into a float row kept in L1: no float tensor between the passes and one
+parallel region for the convolution. Zero padding stays exact (the 1-bit kernel's correction, per weight plane).
 """
 from __future__ import annotations
 
@@ -15,83 +15,151 @@ from numba import njit, prange
 
 from . import bitconv
 
+CHUNKS = 16  # pieces per sample for the scale reductions, so that a batch of 1 uses every thread too
+BLOCK = 2048  # elements per residual buffer in those reductions: stays in L1
 
-CHUNKS = 16  # pieces per sample, so that a batch of 1 uses every thread too
+
+@njit(cache=True, nogil=True, inline="always")
+def _step(v, s):
+    """R − s·b(R) for one element, b(v) = +1 if v > 0 else −1 (float32, as reference.residual_planes)."""
+    return v - s if v > 0 else v + s
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def mean_abs(r):
-    """Per sample, mean |r| accumulated in float64 and rounded once (reference.residual_planes does the same;
-    float64 partial sums make the order of summation irrelevant at float32 precision)."""
-    n = r.shape[0]
-    flat = r.reshape(n, -1)
+# fastmath "reassoc" lets the float64 |R| sums vectorize (a serial chain of adds ran at 4 cycles an element);
+# the order of a float64 sum of float32 values does not show after rounding to float32
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
+def leading_scales(x, scales):
+    """scales[j, n] = mean |R_j| of sample n (R_1 = x) for every level but the last (pack_levels sums that one's
+    residual while it packs). Accumulated in float64 and rounded once, as reference.residual_planes does (float64
+    partial sums make the summation order irrelevant at float32 precision). One pass over x per level; each
+    recomputes the residual chain before it in a buffer, so the loops vectorize."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
     size = flat.shape[1]
     step = -(-size // CHUNKS)
     partial = np.zeros((n, CHUNKS))
-    for job in prange(n * CHUNKS):
-        i, c = job // CHUNKS, job % CHUNKS
+    for j in range(scales.shape[0] - 1):
+        for job in prange(n * CHUNKS):
+            i, c = job // CHUNKS, job % CHUNKS
+            residual = np.empty(BLOCK, np.float32)
+            total = 0.0
+            for k0 in range(c * step, min(size, (c + 1) * step), BLOCK):
+                k1 = min(k0 + BLOCK, (c + 1) * step, size)
+                block = residual[:k1 - k0]
+                block[:] = flat[i, k0:k1]
+                for p in range(j):
+                    s = scales[p, i]
+                    for k in range(block.size):
+                        block[k] = _step(block[k], s)
+                for k in range(block.size):
+                    total += abs(block[k])
+            partial[i, c] = total
+        for i in range(n):
+            scales[j, i] = np.float32(partial[i].sum() / size)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})  # as leading_scales
+def pack_levels(x, scales, pt, pl, out):
+    """float (N, C, H, W) → the sign bits of its residual planes, out[j] as bitconv.pack_input lays plane j out
+    (out's border must be zero); the residual row is kept in a small buffer so each level's compare vectorizes.
+    Plane j's bits need the scales before it only; the last level's scale is filled in here, from its residual."""
+    n, c, h, w = x.shape
+    levels, words = out.shape[0], out.shape[3]
+    partial = np.zeros((n, h))
+    for job in prange(n * h):
+        i = job // h
+        r = job - i * h
+        residual = np.empty(w, np.float32)
         total = 0.0
-        for k in range(c * step, min(size, (c + 1) * step)):
-            total += abs(flat[i, k])
-        partial[i, c] = total
-    out = np.empty(n, np.float32)
-    for i in range(n):
-        out[i] = np.float32(partial[i].sum() / size)
-    return out
+        for word in range(words):
+            for b in range(min(64, c - word * 64)):
+                shift = np.uint64(b)
+                residual[:] = x[i, word * 64 + b, r]
+                for j in range(levels - 1):
+                    row = out[j, i, pt + r, word, pl:pl + w]
+                    s = scales[j, i]
+                    for col in range(w):
+                        v = residual[col]
+                        row[col] |= np.uint64(v > 0) << shift
+                        residual[col] = _step(v, s)
+                row = out[levels - 1, i, pt + r, word, pl:pl + w]
+                for col in range(w):
+                    row[col] |= np.uint64(residual[col] > 0) << shift
+                    total += abs(residual[col])
+        partial[i, r] = total
+    if levels > 1:  # Ka = 1 is b(X) with no scale
+        for i in range(n):
+            scales[levels - 1, i] = np.float32(partial[i].sum() / (c * h * w))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_pair(sums, plane, k0, k1, r, base, starts, cols, patterns, excess, alpha, level_scale, acc):
+    """acc[k − k0, col] += s_j·α_i[k]·(base − 2·sum) for one (weight plane i, activation plane j) pair, after taking
+    out what padded taps added (excess columns plane·O + k: weight plane i's bits)."""
+    o = alpha.shape[1]
+    ow = acc.shape[1]
+    for j in range(starts[r], starts[r + 1]):
+        col, pattern = cols[j], patterns[j]
+        for k in range(k0, k1):
+            sums[k - k0, col] -= excess[pattern, plane * o + k]
+    two = np.float32(2)
+    for k in range(k0, k1):
+        scale = alpha[plane, k] * level_scale
+        for col in range(ow):
+            # integers below 2²⁴ are exact in float32: the exact ±1 sum, scaled once
+            acc[k - k0, col] += (np.float32(base[r, col]) - two * np.float32(sums[k - k0, col])) * scale
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def next_residual(r, s):
-    """R − s·b(R) per sample, b(v) = +1 if v > 0 else −1."""
-    n = r.shape[0]
-    flat = r.reshape(n, -1)
-    size = flat.shape[1]
-    step = -(-size // CHUNKS)
-    out = np.empty_like(flat)
-    for job in prange(n * CHUNKS):
-        i, c = job // CHUNKS, job % CHUNKS
-        for k in range(c * step, min(size, (c + 1) * step)):
-            v = flat[i, k]
-            out[i, k] = v - s[i] if v > 0 else v + s[i]
-    return out.reshape(r.shape)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def accumulate(out, y, s, levels, first):
-    """out[n, o] (+)= s[n] · Σ_i y[n, i·O + o]; `first`: assign instead of add."""
-    n, o = out.shape[0], out.shape[1]
-    for job in prange(n * o):
-        b, c = job // o, job % o
-        dst = out[b, c].reshape(-1)
-        for i in range(levels):
-            src = y[b, i * o + c].reshape(-1)
-            if first and i == 0:
-                for k in range(dst.size):
-                    dst[k] = s[b] * src[k]
-            else:
-                for k in range(dst.size):
-                    dst[k] += s[b] * src[k]
+def conv_levels(xp, wp, taps_pop, alpha, scales, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out):
+    """out (N, O, OH, OW) = Σ_j s_j Σ_i α_i·(valid_taps·C − 2·Σ popcount(x_j ⊕ w_i)) + bias; xp from pack_levels,
+    wp [kh, kw, words, Kw·O], alpha [Kw, O], scales [Ka, N]."""
+    levels_x, n, rows, cw, cols = xp.shape
+    kh, kw, _, total = wp.shape
+    levels_w, o = alpha.shape
+    oh, ow = out.shape[2], out.shape[3]
+    wflat = wp.reshape(-1)
+    offsets = bitconv.tap_offsets(kh, kw, cw, dh, dw, cols)
+    group = bitconv.GROUP_CHANNELS
+    groups = (o + group - 1) // group
+    tiles = (ow + bitconv.TILE_PIXELS - 1) // bitconv.TILE_PIXELS
+    base, starts, border_cols, patterns, excess = bitconv.padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw,
+                                                                         h, w, oh, ow)
+    plane_words = n * rows * cw * cols
+    xflat = xp.reshape(-1)
+    for job in prange(n * oh * groups):
+        g = job % groups
+        i = job // (oh * groups)
+        r = (job // groups) % oh
+        g0, g1 = g * group, min(o, (g + 1) * group)
+        sums = np.empty((group, tiles * bitconv.TILE_PIXELS), np.int32)
+        acc = np.zeros((group, ow), np.float32)
+        for j in range(levels_x):
+            row_origin = j * plane_words + (i * rows + r * sh) * cw * cols
+            for plane in range(levels_w):
+                first = plane * o
+                bitconv.channel_tiles(xflat, wflat, offsets, row_origin, sw, total, first + g0, first + g1,
+                                      first + o - 1, tiles, sums.reshape(-1))
+                _add_pair(sums, plane, g0, g1, r, base, starts, border_cols, patterns, excess, alpha, scales[j, i],
+                          acc)
+        for k in range(g0, g1):
+            out[i, k, r, :] = acc[k - g0] + bias[k]
 
 
 @njit(cache=True, nogil=True)
 def multibit_bit_conv_into(x, wp, alpha, bias, geometry, out):
     """x float32 (N, C, H, W); wp uint64 [kh, kw, words, Kw·O]; alpha [Kw, O]; bias [O]; geometry: 11 + [Ka];
     out (N, O, oh, ow) as bitconv.output_shape gives it."""
-    levels_w, o = alpha.shape
-    levels_x = geometry[11]
-    conv_geometry = geometry[:11].copy()
-    flat_alpha = alpha.copy().reshape(-1)
-    zeros = np.zeros(levels_w * o, np.float32)
-    residual = x
-    for j in range(levels_x):
-        y = bitconv.bit_conv(residual, wp, flat_alpha, zeros, conv_geometry)
-        s = mean_abs(residual) if levels_x > 1 else np.ones(x.shape[0], np.float32)
-        accumulate(out, y, s, levels_w, j == 0)
-        if j + 1 < levels_x:
-            residual = next_residual(residual, s)
-    for b in range(out.shape[0]):
-        for c in range(o):
-            out[b, c] += bias[c]
+    n, _, h, w = x.shape
+    kh, kw, cw, _ = wp.shape
+    sh, sw, dh, dw, channels, levels_x = geometry[1], geometry[2], geometry[7], geometry[8], geometry[10], geometry[11]
+    pt, pl, oh, ow = bitconv.placement(h, w, kh, kw, geometry)
+    scales = np.ones((levels_x, n), np.float32)
+    leading_scales(x, scales)
+    shape = bitconv.padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw)
+    xp = np.zeros((levels_x, shape[0], shape[1], shape[2], shape[3]), np.uint64)
+    pack_levels(x, scales, pt, pl, xp)
+    conv_levels(xp, wp, bitconv.tap_popcounts(wp), alpha, scales, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
 
 
 def multibit_bit_conv(x: np.ndarray, wp: np.ndarray, alpha: np.ndarray, bias: np.ndarray,
