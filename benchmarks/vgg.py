@@ -71,8 +71,8 @@ def main():
     print(f"numba ISA: {isa_label()}; cores: {os.cpu_count()}")
     model = vgg_model()
     transformed = onnxopt.convert_to_binary_convolution(model, skip=["first_conv"])
-    lowered, _ = onnxopt.api.lower_with_report(transformed)
-    unfolded, _ = onnxopt.api.lower_with_report(transformed, fold_batch_norm=False)
+    lowered, _ = onnxopt.api.lower(transformed)
+    unfolded, _ = onnxopt.api.lower(transformed, keep_batchnorm=True)
     sessions = {name: onnxopt.session(m) for name, m in
                 (("float", model), ("transformed", transformed), ("lowered", lowered), ("unfolded", unfolded))}
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)

@@ -8,6 +8,8 @@
   the conv geometry followed by Ka (12 int64). Semantics: `kernels.reference.multibit_conv`.
 - MultibitBitConv (lowered): the same, with the Kw weight bit planes packed side by side along the output
   channels, uint64 [kh, kw, words(C), Kw·O].
+- PackSigns, PackedBitConv, PackedBitConvSigns: BitConv layers chained in packed sign bits (kernels/chain.py,
+  runtime/chains.py); sessions build them from BitConv → Relu/MaxPool → BitConv, files never hold them.
 
 Every path that hands these constants to a kernel (lowering, session creation, training hooks, each
 `run` of a guarded session) goes through `constants_problem` / `input_problem`, so the kernels can index
@@ -30,6 +32,11 @@ MULTIBIT_CONV = "MultibitConv"
 MULTIBIT_BIT_CONV = "MultibitBitConv"
 OP_TYPES = (BINARY_CONV, BIT_CONV, MULTIBIT_CONV, MULTIBIT_BIT_CONV)
 PACKED = (BIT_CONV, MULTIBIT_BIT_CONV)
+# BitConv layers chained in packed bits (kernels/chain.py): made by onnxopt.session on the C path, never saved
+PACK_SIGNS = "PackSigns"
+PACKED_BIT_CONV = "PackedBitConv"
+PACKED_BIT_CONV_SIGNS = "PackedBitConvSigns"
+CHAINED = (PACK_SIGNS, PACKED_BIT_CONV, PACKED_BIT_CONV_SIGNS)
 MAX_LEVELS = 4
 
 

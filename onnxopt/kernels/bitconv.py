@@ -40,7 +40,7 @@ def _vector_popcount() -> bool:
 WIDE = _vector_popcount()
 TILE_CHANNELS = 8 if WIDE else 4
 TILE_PIXELS = simd.LANES
-GROUP_CHANNELS = 64  # output channels per parallel job: the job's input rows stay in L1 across them
+GROUP_CHANNELS = 64  # output channels per parallel job (its input rows stay in L1); one word of emitted signs
 
 
 @njit(cache=True, nogil=True)
@@ -167,14 +167,19 @@ def padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _finish_row(sums, k0, k1, i, r, base, starts, cols, patterns, excess, alpha, bias, out):
-    """Scale one output row's popcount sums (sums[k − k0, col]) into out: α·(base − 2·sum) + bias,
-    after taking out what padded taps added."""
-    ow = out.shape[3]
+def remove_padding(sums, k0, k1, first, r, starts, cols, patterns, excess):
+    """Take out of one output row's popcount sums (sums[k − k0, col]) what padded taps added; the weight's channels
+    are excess columns first + k (first > 0: a multi-bit weight plane)."""
     for j in range(starts[r], starts[r + 1]):
         col, pattern = cols[j], patterns[j]
         for k in range(k0, k1):
-            sums[k - k0, col] -= excess[pattern, k]
+            sums[k - k0, col] -= excess[pattern, first + k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _finish_row(sums, k0, k1, i, r, base, alpha, bias, out):
+    """Scale one output row's popcount sums (sums[k − k0, col], padding removed) into out: α·(base − 2·sum) + bias."""
+    ow = out.shape[3]
     two = np.float32(2)
     for k in range(k0, k1):
         scale, shift = alpha[k], bias[k]
@@ -182,6 +187,21 @@ def _finish_row(sums, k0, k1, i, r, base, starts, cols, patterns, excess, alpha,
             # integers below 2²⁴ are exact in float32, so this is the exact ±1 sum, as in the reference
             total = np.float32(base[r, col]) - two * np.float32(sums[k - k0, col])
             out[i, k, r, col] = total * scale + shift
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _finish_signs(sums, k0, k1, i, r, base, alpha, bias, signs):
+    """The sign bits of what _finish_row would write, (y > 0) with the same float32 arithmetic, packed as the
+    next layer reads them: signs[i, r, word, col] holds channels k0..k1 (k0 = 64·word)."""
+    ow = signs.shape[3]
+    two = np.float32(2)
+    word = signs[i, r, k0 // 64]
+    word[:] = 0
+    for k in range(k0, k1):
+        scale, shift, bit = alpha[k], bias[k], np.uint64(k - k0)
+        for col in range(ow):
+            total = np.float32(base[r, col]) - two * np.float32(sums[k - k0, col])
+            word[col] |= np.uint64(total * scale + shift > 0) << bit
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -227,11 +247,13 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out):
-    """out (N, O, OH, OW) = α·(valid_taps·C − 2·Σ popcount(x ⊕ w)) + bias; xp from `pack_input`."""
+def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out, signs):
+    """out (N, O, OH, OW) = α·(valid_taps·C − 2·Σ popcount(x ⊕ w)) + bias; xp from `pack_input`. When signs is not
+    empty, its sign bits go there instead, [N, OH, words(O), OW] (a chained layer's input, kernels/chain.py)."""
     n, rows, cw, cols = xp.shape
     kh, kw, _, o = wp.shape
-    oh, ow = out.shape[2], out.shape[3]
+    emit_signs = signs.shape[0] > 0
+    oh, ow = (signs.shape[1], signs.shape[3]) if emit_signs else (out.shape[2], out.shape[3])
     xflat = xp.reshape(-1)
     wflat = wp.reshape(-1)  # [(a·kw + b)·cw + c]·o + k
     offsets = tap_offsets(kh, kw, cw, dh, dw, cols)
@@ -247,7 +269,11 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
         row_origin = (i * rows + r * sh) * cw * cols
         sums = np.empty((GROUP_CHANNELS, tiles * TILE_PIXELS), np.int32)  # the job's rows, scaled out at the end
         channel_tiles(xflat, wflat, offsets, row_origin, sw, o, g0, g1, o - 1, tiles, sums.reshape(-1))
-        _finish_row(sums, g0, g1, i, r, base, starts, border_cols, patterns, excess, alpha, bias, out)
+        remove_padding(sums, g0, g1, 0, r, starts, border_cols, patterns, excess)
+        if emit_signs:
+            _finish_signs(sums, g0, g1, i, r, base, alpha, bias, signs)
+        else:
+            _finish_row(sums, g0, g1, i, r, base, alpha, bias, out)
 
 
 resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)
@@ -279,7 +305,8 @@ def bit_conv_into(x, wp, alpha, bias, geometry, out):
     pt, pl, oh, ow = placement(h, w, kh, kw, geometry)
     xp = np.zeros(padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw), np.uint64)
     pack_input(x, pt, pl, xp)
-    conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out)
+    conv_packed(xp, wp, tap_popcounts(wp), alpha, bias, channels, sh, sw, pt, pl, h, w, dh, dw, out,
+                np.empty((0, 0, 0, 0), np.uint64))  # no signs: floats to out
 
 
 @njit(cache=True, nogil=True)

@@ -96,12 +96,8 @@ def pack_levels(x, scales, pt, pl, out):
 def _add_pair(sums, plane, k0, k1, r, base, starts, cols, patterns, excess, alpha, level_scale, acc):
     """acc[k − k0, col] += s_j·α_i[k]·(base − 2·sum) for one (weight plane i, activation plane j) pair, after taking
     out what padded taps added (excess columns plane·O + k: weight plane i's bits)."""
-    o = alpha.shape[1]
+    bitconv.remove_padding(sums, k0, k1, plane * alpha.shape[1], r, starts, cols, patterns, excess)
     ow = acc.shape[1]
-    for j in range(starts[r], starts[r + 1]):
-        col, pattern = cols[j], patterns[j]
-        for k in range(k0, k1):
-            sums[k - k0, col] -= excess[pattern, plane * o + k]
     two = np.float32(2)
     for k in range(k0, k1):
         scale = alpha[plane, k] * level_scale

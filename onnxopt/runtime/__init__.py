@@ -51,7 +51,7 @@ def custom_op_library(model: onnx.ModelProto | None = None) -> str:
     call) when every com.onnxopt op in `model` is a lowered one and it is available here, else the PyOp
     bridge's, which serves every op (also when no model is given)."""
     used = _custom_op_types(model.graph) if model is not None else None
-    if used is not None and used <= set(ops.PACKED):
+    if used is not None and used <= set(ops.PACKED + ops.CHAINED):
         from . import cabi
 
         found = cabi.library_path(used)
@@ -72,34 +72,54 @@ def session_options(*, optimize: bool = True, threads: int | None = None, model:
     return so
 
 
-def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None):
-    """An onnxruntime.InferenceSession for a plain, transformed or lowered model."""
+def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None,
+            chain: bool = True):
+    """An onnxruntime.InferenceSession for a plain, transformed or lowered model. On the C path, `chain` runs
+    BitConv → Relu/MaxPool → BitConv links in packed bits (runtime/chains.py: same outputs, bit for bit)."""
     import tempfile
 
     from ..model import over_protobuf_limit, save_model
 
     if isinstance(model, (str, os.PathLike)):
         proto = onnx.load(str(model), load_external_data=False)  # the session reads the weights itself
-        return _session(str(model), proto, optimize, threads, base_dir=str(Path(model).parent))
+        return _session(str(model), proto, optimize, threads, chain, base_dir=str(Path(model).parent))
     if not over_protobuf_limit(model):
-        return _session(model.SerializeToString(), model, optimize, threads)
+        return _session(model.SerializeToString(), model, optimize, threads, chain)
     # over protobuf's 2 GiB: a temporary copy with external data, read while the session is built
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
         path = Path(folder) / "model.onnx"
         save_model(model, path, external_data=True)
-        return _session(str(path), model, optimize, threads)
+        return _session(str(path), model, optimize, threads, chain=False)
 
 
-def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None, base_dir: str = ""):
+def _chained(proto: onnx.ModelProto, base_dir: str) -> onnx.ModelProto | None:
+    """The model with its BitConv links in packed bits, when it has some and the C path is on (PyOp has no chain
+    ops), else None."""
+    from . import chains
+
+    linked = chains.chained(proto, base_dir)
+    if linked is None:
+        return None
+    from . import cabi
+
+    return linked if cabi.library_path(_custom_op_types(linked.graph)) is not None else None
+
+
+def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None, chain: bool,
+             base_dir: str = ""):
     import onnxruntime as ort
 
     custom = _uses_custom_ops(proto)
+    runs = proto  # what onnxruntime runs; `proto` is what the guard checks feeds against
     if custom:
         from ..model import Constants
 
         constants = Constants(proto.graph, base_dir)
         ops.check_custom_nodes(proto.graph, constants.get)
-    so = session_options(optimize=optimize, threads=threads, model=proto) if custom else \
+        linked = _chained(proto, base_dir) if chain else None
+        if linked is not None:
+            runs, source = linked, linked.SerializeToString()
+    so = session_options(optimize=optimize, threads=threads, model=runs) if custom else \
         _plain_options(optimize, threads)
     cls = _guarded_session_class() if custom else ort.InferenceSession
     try:

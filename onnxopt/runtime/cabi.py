@@ -1,15 +1,16 @@
-"""The lowered ops (com.onnxopt::BitConv, MultibitBitConv) with no Python on the call path: the numba kernels as
-C-callable functions (@cfunc, no GIL), called by a small C library (ortshim.c) that onnxruntime loads as a
-custom-op library.
+"""The lowered ops (com.onnxopt::BitConv, MultibitBitConv, and the packed-bit chain ops of runtime/chains.py) with
+no Python on the call path: the numba kernels as C-callable functions (@cfunc, no GIL), called by a small C
+library (ortshim.c) that onnxruntime loads as a custom-op library.
 
 The library is compiled from ortshim.c with the system C compiler on first use and cached (ONNXOPT_CACHE_DIR,
 default ~/.cache/onnxopt), then loaded with ctypes so that onnxopt_set_kernels() can hand it each op's two cfunc
-addresses (cabi_bitconv.py, cabi_multibit.py: imported, so compiled or loaded by numba, only when a model needs
-that op) before onnxruntime opens the same path (dlopen returns the handle already open). Without a compiler,
-or with ONNXOPT_KERNEL_PATH=pyop, sessions use the PyOp bridge (runtime/pyop.py); `path()` says which.
+addresses (cabi_bitconv.py, cabi_multibit.py, cabi_chain.py: imported, so compiled or loaded by numba, only when
+a model needs that op) before onnxruntime opens the same path (dlopen returns the handle already open). Without
+a compiler, or with ONNXOPT_KERNEL_PATH=pyop, sessions use the PyOp bridge (runtime/pyop.py); `path()` says
+which.
 
-The C path serves the lowered ops (BitConv, MultibitBitConv); a model with a trainable com.onnxopt op runs on the
-PyOp bridge as a whole.
+The C path serves the lowered ops and the chain ops; a model with a trainable com.onnxopt op runs on the PyOp
+bridge as a whole.
 Validation lives here too, as integer checks before any memory is touched: a bad input makes session.run raise
 with one of PROBLEMS, never a crash.
 """
@@ -30,12 +31,13 @@ from numba import carray, njit, types
 
 from .. import ops
 from ..convgeom import MAX_PAD, MAX_STEP
-from ..kernels import bitconv
+from ..kernels import bitconv, chain
 from ..ops import MAX_LEVELS
 
 SOURCE = Path(__file__).with_name("ortshim.c")
 SLOTS = 8  # per input in the dims buffer: rank, then up to 7 dims (ortshim.c)
-OUT = 5 * SLOTS  # where the 4 output dims go
+MAX_INPUTS = 6
+OUT = MAX_INPUTS * SLOTS  # where the 4 output dims go, then the output's rank (OUT + 4)
 
 
 def _start_numba_threads() -> None:
@@ -64,8 +66,10 @@ PROBLEMS = (
     "onnxopt: input channels do not match the layer",
     "onnxopt: input has an empty spatial dim",
     "onnxopt: input is smaller than the kernel's span: no output",
+    "onnxopt: pool must be 10 int64 values within range (kernel, strides, dilations, pads)",
+    "onnxopt: packed input must be uint64 [N, H, words(channels), W] of a 2-D layer",
 )
-W, ALPHA, BIAS, GEOMETRY = SLOTS, 2 * SLOTS, 3 * SLOTS, 4 * SLOTS  # where each input's rank sits in dims
+W, ALPHA, BIAS, GEOMETRY, POOL = SLOTS, 2 * SLOTS, 3 * SLOTS, 4 * SLOTS, 5 * SLOTS  # each input's rank in dims
 
 
 @njit(cache=True, nogil=True)
@@ -115,9 +119,15 @@ def _constants_problem(dims, g, multibit) -> int:
 
 
 @njit(cache=True, nogil=True)
-def shape(dims, geometry, multibit) -> int:
-    """0 and the output dims in dims[OUT:OUT+4], or the PROBLEMS code of what is wrong."""
-    g = carray(geometry, (dims[GEOMETRY + 1],))
+def _set_output(dims, n, a, b, c, rank):
+    dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3], dims[OUT + 4] = n, a, b, c, rank
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def shape(dims, data, multibit) -> int:
+    """0 and the output dims in dims[OUT:OUT+5], or the PROBLEMS code of what is wrong."""
+    g = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
     code = _constants_problem(dims, g, multibit)  # checks the geometry's length before reading it
     if code:
         return code
@@ -132,9 +142,55 @@ def shape(dims, geometry, multibit) -> int:
     out = bitconv.output_shape(n, h, x_w, dims[W + 1], dims[W + 2], o, g)
     if out[2] < 1 or out[3] < 1:
         return 8
-    for i in range(4):
-        dims[OUT + i] = out[i]
+    return _set_output(dims, out[0], out[1], out[2], out[3], dims[0])
+
+
+@njit(cache=True, nogil=True)
+def _pool_problem(dims, pool) -> int:
+    if dims[POOL] != 1 or dims[POOL + 1] != chain.POOL_LENGTH:
+        return 9
+    for i in range(6):
+        if pool[i] < 1 or pool[i] > MAX_STEP:
+            return 9
+    for i in range(6, 10):
+        if pool[i] < 0 or pool[i] > MAX_PAD:
+            return 9
     return 0
+
+
+@njit(cache=True, nogil=True)
+def chained_shape(dims, data, emit_signs) -> int:
+    """`shape` for PackedBitConv (emit_signs False: float output) and PackedBitConvSigns (sign bits out)."""
+    g = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
+    code = _constants_problem(dims, g, False)
+    if code:
+        return code
+    pool = carray(data[5], (max(dims[POOL + 1], 0),), np.int64)
+    if _pool_problem(dims, pool):
+        return 9
+    if g[0] != 2 or dims[0] != 4 or dims[3] != (g[10] + 63) // 64:
+        return 10
+    n, h_in, w_in = dims[1], dims[2], dims[4]
+    if h_in < 1 or w_in < 1:
+        return 7
+    h, w = chain.pooled_shape(h_in, w_in, pool)
+    if h < 1 or w < 1:
+        return 8
+    o = dims[ALPHA + 1]
+    _, _, oh, ow = bitconv.output_shape(n, h, w, dims[W + 1], dims[W + 2], o, g)
+    if oh < 1 or ow < 1:
+        return 8
+    if emit_signs:
+        return _set_output(dims, n, oh, (o + 63) // 64, ow, 4)
+    return _set_output(dims, n, o, oh, ow, 4)
+
+
+@njit(cache=True, nogil=True)
+def pack_signs_shape(dims) -> int:
+    """`shape` for PackSigns: float (N, C, H, W) → uint64 (N, H, words(C), W)."""
+    if dims[0] != 4:
+        return 5
+    return _set_output(dims, dims[1], dims[3], (dims[2] + 63) // 64, dims[4], 4)
 
 
 @njit(cache=True, nogil=True)
@@ -146,15 +202,30 @@ def tensors(data, dims):
     wp = carray(data[1], (dims[W + 1], dims[W + 2], dims[W + 3], dims[W + 4]), np.uint64)
     bias = carray(data[3], (dims[BIAS + 1],), np.float32)
     geometry = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
-    out = carray(data[5], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
+    out = carray(data[MAX_INPUTS], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
     return x, wp, bias, geometry, out
 
 
-SHAPE = types.int64(types.CPointer(types.int64), types.CPointer(types.int64))
+@njit(cache=True, nogil=True)
+def chained_tensors(data, dims):
+    """(bits, packed weight, alpha, bias, geometry, pool) of a PackedBitConv(Signs) that chained_shape accepted."""
+    bits = carray(data[0], (dims[1], dims[2], dims[3], dims[4]), np.uint64)
+    wp = carray(data[1], (dims[W + 1], dims[W + 2], dims[W + 3], dims[W + 4]), np.uint64)
+    alpha = carray(data[2], (dims[ALPHA + 1],), np.float32)
+    bias = carray(data[3], (dims[BIAS + 1],), np.float32)
+    geometry = carray(data[4], (dims[GEOMETRY + 1],), np.int64)
+    pool = carray(data[5], (dims[POOL + 1],), np.int64)
+    return bits, wp, alpha, bias, geometry, pool
+
+
+SHAPE = types.int64(types.CPointer(types.int64), types.CPointer(types.voidptr))
 COMPUTE = types.int64(types.CPointer(types.voidptr), types.CPointer(types.int64))
-# per lowered op: its position in ortshim.c's op tables (ops.PACKED's order) and the module of its entry points
+# per op: its position in ortshim.c's op tables and the module of its entry points (ENTRY_POINTS[op type])
 ENTRY_MODULES = {ops.BIT_CONV: (0, "onnxopt.runtime.cabi_bitconv"),
-                 ops.MULTIBIT_BIT_CONV: (1, "onnxopt.runtime.cabi_multibit")}
+                 ops.MULTIBIT_BIT_CONV: (1, "onnxopt.runtime.cabi_multibit"),
+                 ops.PACK_SIGNS: (2, "onnxopt.runtime.cabi_chain"),
+                 ops.PACKED_BIT_CONV: (3, "onnxopt.runtime.cabi_chain"),
+                 ops.PACKED_BIT_CONV_SIGNS: (4, "onnxopt.runtime.cabi_chain")}
 
 
 _lock = threading.Lock()
@@ -214,7 +285,7 @@ def _provide(op_types) -> None:
         _start_numba_threads()
     for op_type in missing:
         index, module = ENTRY_MODULES[op_type]
-        shape, compute = importlib.import_module(module).ENTRY_POINTS
+        shape, compute = importlib.import_module(module).ENTRY_POINTS[op_type]
         _state["library"].onnxopt_set_kernels(index, shape.address, compute.address)
         _state["ready"].add(op_type)
 

@@ -3,13 +3,14 @@ first needs them."""
 import numpy as np
 from numba import carray, cfunc
 
+from .. import ops
 from ..kernels.bitconv import bit_conv_into
 from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
-def _bit_conv_shape(dims, geometry):
-    return shape(dims, geometry, False)
+def _bit_conv_shape(dims, data):
+    return shape(dims, data, False)
 
 
 @cfunc(COMPUTE, nogil=True, cache=True)
@@ -19,4 +20,4 @@ def _bit_conv_compute(data, dims):
     return 0
 
 
-ENTRY_POINTS = (_bit_conv_shape, _bit_conv_compute)
+ENTRY_POINTS = {ops.BIT_CONV: (_bit_conv_shape, _bit_conv_compute)}

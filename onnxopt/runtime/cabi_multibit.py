@@ -3,13 +3,14 @@ model first needs them."""
 import numpy as np
 from numba import carray, cfunc
 
+from .. import ops
 from ..kernels.multibit import multibit_bit_conv_into
 from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
-def _multibit_shape(dims, geometry):
-    return shape(dims, geometry, True)
+def _multibit_shape(dims, data):
+    return shape(dims, data, True)
 
 
 @cfunc(COMPUTE, nogil=True, cache=True)
@@ -20,4 +21,4 @@ def _multibit_compute(data, dims):
     return 0
 
 
-ENTRY_POINTS = (_multibit_shape, _multibit_compute)
+ENTRY_POINTS = {ops.MULTIBIT_BIT_CONV: (_multibit_shape, _multibit_compute)}

@@ -1,4 +1,5 @@
-/* onnxopt's lowered ops (com.onnxopt::BitConv, MultibitBitConv) for onnxruntime, with no Python on the call path.
+/* onnxopt's lowered ops (com.onnxopt::BitConv, MultibitBitConv, and the packed-bit chain ops PackSigns,
+ * PackedBitConv, PackedBitConvSigns of kernels/chain.py) for onnxruntime, with no Python on the call path.
  *
  * Why C: onnxruntime's Python API registers custom ops only from a shared library exporting RegisterCustomOps,
  * and onnxruntime-extensions' PyOp bridge takes the GIL and copies every tensor (33 us a call at batch 1).
@@ -51,11 +52,12 @@ typedef void (*ReleaseFn)(void *);
 static void *const *api;  /* the OrtApi table, as function pointers */
 #define CALL(position, type) ((type)api[position])
 
-/* the numba side (runtime/cabi.py): dims holds 5 inputs x (rank, 7 dims), then 4 output dims the shape check
- * fills; each returns 0 or a problem code that cabi.PROBLEMS explains */
-typedef int64_t (*ShapeFn)(int64_t *dims, const int64_t *geometry);
+/* the numba side (runtime/cabi.py): dims holds up to 6 inputs x (rank, 7 dims), then the output's 4 dims and
+ * rank, which the shape check fills; data holds the inputs' pointers, then the output's at [MAX_INPUTS]; each
+ * returns 0 or a problem code that cabi.PROBLEMS explains */
+typedef int64_t (*ShapeFn)(int64_t *dims, void **data);
 typedef int64_t (*ComputeFn)(void **data, int64_t *dims);
-#define OPS 2  /* BitConv, MultibitBitConv: cabi.ENTRY_MODULES' positions */
+#define OPS 5  /* cabi.ENTRY_MODULES' positions */
 static ShapeFn shape_fns[OPS];
 static ComputeFn compute_fns[OPS];
 static const char *const *problem_text;
@@ -73,16 +75,18 @@ void onnxopt_set_kernels(int op, void *shape, void *compute) {
     compute_fns[op] = (ComputeFn)compute;
 }
 
-#define INPUTS 5
+#define MAX_INPUTS 6
 #define SLOTS 8
-static const int input_types[INPUTS] = {TYPE_FLOAT, TYPE_UINT64, TYPE_FLOAT, TYPE_FLOAT, TYPE_INT64};
+#define GEOMETRY 4  /* the conv ops' geometry input */
+
+typedef struct OpTable OpTable;  /* onnxruntime's OrtCustomOp, below */
 
 static OrtStatus *fail(const char *message) {
     return CALL(CREATE_STATUS, CreateStatusFn)(ERROR_INVALID_ARGUMENT, message);
 }
 
 /* one input's data pointer, element type and shape; NULL or a status */
-static OrtStatus *read_input(void *context, size_t index, void **data, int64_t *slots) {
+static OrtStatus *read_input(void *context, size_t index, int want_type, void **data, int64_t *slots) {
     const void *value;
     void *info;
     int type;
@@ -96,7 +100,7 @@ static OrtStatus *read_input(void *context, size_t index, void **data, int64_t *
     if (!status) status = CALL(GET_DIMENSIONS, DimsFn)(info, slots + 1, rank);
     CALL(RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseFn)(info);
     if (status) return status;
-    if (type != input_types[index]) return fail("onnxopt: an input has the wrong element type");
+    if (type != want_type) return fail("onnxopt: an input has the wrong element type");
     slots[0] = (int64_t)rank;
     return CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)((void *)value, data);
 }
@@ -106,35 +110,8 @@ static OrtStatus *problem(int64_t code) {
     return fail("onnxopt: the kernel refused its inputs");
 }
 
-static OrtStatus *compute(void *kernel, void *context) {
-    int op = *(const int *)kernel;  /* which op: the kernel state is its index */
-    void *data[INPUTS + 1];
-    int64_t dims[INPUTS * SLOTS + 4];
-    size_t count;
-    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, InputCountFn)(context, &count);
-    if (status) return status;
-    if (count != INPUTS) return fail("onnxopt: expected 5 inputs");
-    for (size_t i = 0; i < INPUTS; i++)
-        if ((status = read_input(context, i, &data[i], dims + i * SLOTS))) return status;
-    if (dims[4 * SLOTS] != 1) return problem(1);
-    if (!shape_fns[op] || !compute_fns[op]) return fail("onnxopt: this op's kernel was not loaded (make the "
-                                                        "session with onnxopt.session or session_options(model=))");
-    int64_t code = shape_fns[op](dims, (const int64_t *)data[4]);
-    if (code) return problem(code);
-    int64_t *out_dims = dims + INPUTS * SLOTS;
-    int64_t out_rank = dims[0];  /* the output has the input's rank (Conv1d: 3) */
-    int64_t shape[4] = {out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
-    if (out_rank == 3) shape[2] = out_dims[3];
-    void *output;
-    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, shape, (size_t)out_rank, &output)))
-        return status;
-    if ((status = CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)(output, &data[INPUTS]))) return status;
-    code = compute_fns[op](data, dims);
-    return code ? problem(code) : NULL;
-}
-
 /* ---- the OrtCustomOp table (version 16 fields) ---- */
-typedef struct OpTable {
+struct OpTable {
     uint32_t version;
     void *(*CreateKernel)(const struct OpTable *, const OrtApi *, const void *);
     const char *(*GetName)(const struct OpTable *);
@@ -154,30 +131,74 @@ typedef struct OpTable {
     int (*GetVariadicOutputHomogeneity)(const struct OpTable *);
     OrtStatus *(*CreateKernelV2)(const struct OpTable *, const OrtApi *, const void *, void **);
     OrtStatus *(*KernelComputeV2)(void *, void *);
-} OpTable;
+};
 
-typedef struct { OpTable table; int index; const char *name; } Op;  /* table first: ORT hands back &table */
+typedef struct {
+    OpTable table;  /* first: onnxruntime hands back &table */
+    int index;
+    const char *name;
+    size_t inputs;
+    int input_types[MAX_INPUTS];
+    int output_type;
+} Op;
 
-static const char *op_name(const OpTable *op) { return ((const Op *)op)->name; }
+#define OP(table) ((const Op *)(table))
+static const char *op_name(const OpTable *op) { return OP(op)->name; }
 static const char *op_provider(const OpTable *op) { (void)op; return "CPUExecutionProvider"; }
-static int op_input_type(const OpTable *op, size_t i) { (void)op; return i < INPUTS ? input_types[i] : 0; }
-static size_t op_input_count(const OpTable *op) { (void)op; return INPUTS; }
-static int op_output_type(const OpTable *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static int op_input_type(const OpTable *op, size_t i) { return i < OP(op)->inputs ? OP(op)->input_types[i] : 0; }
+static size_t op_input_count(const OpTable *op) { return OP(op)->inputs; }
+static int op_output_type(const OpTable *op, size_t i) { (void)i; return OP(op)->output_type; }
 static size_t op_output_count(const OpTable *op) { (void)op; return 1; }
 static void op_destroy(void *kernel) { (void)kernel; }
 static int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static int op_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static int op_one(const OpTable *op) { (void)op; return 1; }
+
+static OrtStatus *compute(void *kernel, void *context) {
+    const Op *op = (const Op *)kernel;
+    void *data[MAX_INPUTS + 1];
+    int64_t dims[MAX_INPUTS * SLOTS + 5];
+    size_t count;
+    OrtStatus *status = CALL(KERNEL_CONTEXT_GET_INPUT_COUNT, InputCountFn)(context, &count);
+    if (status) return status;
+    if (count != op->inputs) return fail("onnxopt: an op has the wrong number of inputs");
+    for (size_t i = 0; i < count; i++)
+        if ((status = read_input(context, i, op->input_types[i], &data[i], dims + i * SLOTS))) return status;
+    if (count > GEOMETRY && dims[GEOMETRY * SLOTS] != 1) return problem(1);
+    if (!shape_fns[op->index] || !compute_fns[op->index])
+        return fail("onnxopt: this op's kernel was not loaded (make the session with onnxopt.session or "
+                    "session_options(model=))");
+    int64_t code = shape_fns[op->index](dims, data);
+    if (code) return problem(code);
+    int64_t *out_dims = dims + MAX_INPUTS * SLOTS;  /* 4 dims, then the rank (3: a Conv1d output, dims 0, 1, 3) */
+    int64_t shape[4] = {out_dims[0], out_dims[1], out_dims[2], out_dims[3]};
+    if (out_dims[4] == 3) shape[2] = out_dims[3];
+    void *output;
+    if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, shape, (size_t)out_dims[4], &output)))
+        return status;
+    if ((status = CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)(output, &data[MAX_INPUTS]))) return status;
+    code = compute_fns[op->index](data, dims);
+    return code ? problem(code) : NULL;
+}
+
 static OrtStatus *op_create(const OpTable *op, const OrtApi *a, const void *info, void **kernel) {
     (void)a; (void)info;
-    *kernel = (void *)&((const Op *)op)->index;  /* no per-node state: the geometry travels as an input */
+    *kernel = (void *)op;  /* no per-node state: the geometry travels as an input */
     return NULL;
 }
 
 #define TABLE {API_VERSION, NULL, op_name, op_provider, op_input_type, op_input_count, op_output_type, \
                op_output_count, NULL, op_destroy, op_required, op_required, op_memory, op_one, op_one, op_one, \
                op_one, op_create, compute}
-static const Op op_tables[OPS] = {{TABLE, 0, "BitConv"}, {TABLE, 1, "MultibitBitConv"}};
+#define CONV_INPUTS TYPE_FLOAT, TYPE_UINT64, TYPE_FLOAT, TYPE_FLOAT, TYPE_INT64
+#define CHAINED_INPUTS TYPE_UINT64, TYPE_UINT64, TYPE_FLOAT, TYPE_FLOAT, TYPE_INT64, TYPE_INT64
+static const Op op_tables[OPS] = {
+    {TABLE, 0, "BitConv", 5, {CONV_INPUTS}, TYPE_FLOAT},
+    {TABLE, 1, "MultibitBitConv", 5, {CONV_INPUTS}, TYPE_FLOAT},
+    {TABLE, 2, "PackSigns", 1, {TYPE_FLOAT}, TYPE_UINT64},
+    {TABLE, 3, "PackedBitConv", 6, {CHAINED_INPUTS}, TYPE_FLOAT},
+    {TABLE, 4, "PackedBitConvSigns", 6, {CHAINED_INPUTS}, TYPE_UINT64},
+};
 
 static void *domain;  /* one for the process: a domain must outlive every session that uses it */
 
