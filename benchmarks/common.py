@@ -22,13 +22,13 @@ def median_ms(fn, repeat=30, warmup=3, min_seconds=0.3):
     return statistics.median(times)
 
 
-def paired_ms(fa, fb, rounds=7, block=15, settle_s=0.06):
-    """Median ms of fa and of fb, timed in alternating blocks: machine noise (this VM shares its cores)
-    lands on both sides of the ratio alike, while each side still runs back to back as a user's model
-    would (calling them strictly in turn measures the two thread pools waking each other instead)."""
-    ta, tb = [], []
+def alternating_ms(fns, rounds=7, block=15, settle_s=0.06):
+    """Median ms of each of `fns`, timed in alternating blocks: machine noise (this VM shares its cores)
+    lands on every side of a ratio alike, while each side still runs back to back as a user's model
+    would (calling them strictly in turn measures the thread pools waking each other instead)."""
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, times in ((fa, ta), (fb, tb)):
+        for fn, took in zip(fns, times):
             # the first calls of a block pay for the other pool winding down: an onnxruntime session with
             # spinning on (the float side) keeps a core busy for tens of ms after its last run, and a 3 ms
             # multi-bit conv ran 2x slower for its first ~15 calls (measured; 50 ms of quiet removed it)
@@ -39,8 +39,13 @@ def paired_ms(fa, fb, rounds=7, block=15, settle_s=0.06):
             for _ in range(block):
                 t = time.perf_counter()
                 fn()
-                times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
+                took.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(took) for took in times]
+
+
+def paired_ms(fa, fb, rounds=7, block=15):
+    """alternating_ms of two functions."""
+    return tuple(alternating_ms([fa, fb], rounds, block))
 
 
 @contextlib.contextmanager

@@ -220,21 +220,32 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
             col0 = tile * TILE_PIXELS
             origin = row_origin + col0 * sw
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
-            for t in range(steps):
-                if sw == 1:
-                    x = simd.load(xflat, origin + offsets[t])
-                else:
-                    x = simd.load_strided(xflat, origin + offsets[t], sw)
-                wt = t * o
-                a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
-                a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
-                a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
-                a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
-                if WIDE:
+            if WIDE:  # vector popcount: one count per 64-bit lane
+                for t in range(steps):
+                    x = simd.load(xflat, origin + offsets[t]) if sw == 1 else \
+                        simd.load_strided(xflat, origin + offsets[t], sw)
+                    wt = t * o
+                    a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
+                    a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
+                    a2 = simd.xor_popcount_add(a2, simd.word(wflat, wt + k2), x)
+                    a3 = simd.xor_popcount_add(a3, simd.word(wflat, wt + k3), x)
                     a4 = simd.xor_popcount_add(a4, simd.word(wflat, wt + k4), x)
                     a5 = simd.xor_popcount_add(a5, simd.word(wflat, wt + k5), x)
                     a6 = simd.xor_popcount_add(a6, simd.word(wflat, wt + k6), x)
                     a7 = simd.xor_popcount_add(a7, simd.word(wflat, wt + k7), x)
+            else:  # byte counts (table lookups), summed per lane once every BYTE_STEPS steps
+                for t0 in range(0, steps, simd.BYTE_STEPS):
+                    b0 = b1 = b2 = b3 = simd.zeros()
+                    for t in range(t0, min(t0 + simd.BYTE_STEPS, steps)):
+                        x = simd.load(xflat, origin + offsets[t]) if sw == 1 else \
+                            simd.load_strided(xflat, origin + offsets[t], sw)
+                        wt = t * o
+                        b0 = simd.xor_popcount_add_bytes(b0, simd.word(wflat, wt + k0), x)
+                        b1 = simd.xor_popcount_add_bytes(b1, simd.word(wflat, wt + k1), x)
+                        b2 = simd.xor_popcount_add_bytes(b2, simd.word(wflat, wt + k2), x)
+                        b3 = simd.xor_popcount_add_bytes(b3, simd.word(wflat, wt + k3), x)
+                    a0, a1 = simd.add_byte_sums(a0, b0), simd.add_byte_sums(a1, b1)
+                    a2, a3 = simd.add_byte_sums(a2, b2), simd.add_byte_sums(a3, b3)
             simd.store(flat, row0 + col0, a0)
             simd.store(flat, row0 + stride + col0, a1)
             simd.store(flat, row0 + 2 * stride + col0, a2)

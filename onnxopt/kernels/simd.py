@@ -99,6 +99,14 @@ def load_strided(typingctx, array, index, stride):
     return vec8(array, types.intp, types.intp), codegen
 
 
+def _broadcast_xor(builder, word_value, vector_value):
+    """broadcast(word) ^ vector."""
+    lane0 = builder.insert_element(ir.Constant(_VEC, None), word_value, ir.Constant(ir.IntType(32), 0))
+    broadcast = builder.shuffle_vector(lane0, ir.Constant(_VEC, None),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+    return builder.xor(broadcast, vector_value)
+
+
 @intrinsic
 def xor_popcount_add(typingctx, acc, word, vector):
     """acc + popcount(broadcast(word) ^ vector), lane by lane."""
@@ -107,14 +115,55 @@ def xor_popcount_add(typingctx, acc, word, vector):
 
     def codegen(context, builder, signature, args):
         acc_value, word_value, vector_value = args
-        lane0 = builder.insert_element(ir.Constant(_VEC, None), word_value, ir.Constant(ir.IntType(32), 0))
-        broadcast = builder.shuffle_vector(lane0, ir.Constant(_VEC, None),
-                                           ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
         # llvmlite's builder.ctpop accepts scalars only; the intrinsic itself takes vectors
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC]), "llvm.ctpop.v8i64")
-        return builder.add(acc_value, builder.call(ctpop, [builder.xor(broadcast, vector_value)]))
+        return builder.add(acc_value, builder.call(ctpop, [_broadcast_xor(builder, word_value, vector_value)]))
 
     return vec8(vec8, types.uint64, vec8), codegen
+
+
+@intrinsic
+def xor_popcount_add_bytes(typingctx, acc, word, vector):
+    """Like xor_popcount_add, but the counts stay per byte (acc holds 64 byte counters): without a vector
+    popcount (AVX2), a byte count is a nibble-table lookup, and the per-lane sum of the bytes (vpsadbw) is left
+    to `add_byte_sums`, once per BYTE_STEPS steps (a byte count grows by at most 8 a step: 31 steps fit)."""
+    if not (acc == vec8 and vector == vec8 and word == types.uint64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_value, word_value, vector_value = args
+        bytes_type = ir.VectorType(ir.IntType(8), 8 * LANES)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes_type, [bytes_type]),
+                                               "llvm.ctpop.v64i8")
+        counts = builder.call(ctpop, [builder.bitcast(_broadcast_xor(builder, word_value, vector_value), bytes_type)])
+        return builder.bitcast(builder.add(builder.bitcast(acc_value, bytes_type), counts), _VEC)
+
+    return vec8(vec8, types.uint64, vec8), codegen
+
+
+BYTE_STEPS = 31
+
+
+@intrinsic
+def add_byte_sums(typingctx, acc, byte_counts):
+    """acc + the sum of the 8 byte counters of each lane of byte_counts."""
+    if not (acc == vec8 and byte_counts == vec8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_value, value = args
+
+        def splat(v):
+            return ir.Constant(_VEC, [v] * LANES)
+
+        # bytes → 16-bit pairs (≤ 2·248), then the four pairs of each lane (≤ 1984) into its low 16 bits
+        pairs = builder.add(builder.and_(value, splat(0x00FF00FF00FF00FF)),
+                            builder.and_(builder.lshr(value, splat(8)), splat(0x00FF00FF00FF00FF)))
+        pairs = builder.add(pairs, builder.lshr(pairs, splat(16)))
+        pairs = builder.add(pairs, builder.lshr(pairs, splat(32)))
+        return builder.add(acc_value, builder.and_(pairs, splat(0xFFFF)))
+
+    return vec8(vec8, vec8), codegen
 
 
 @intrinsic
