@@ -8,3 +8,33 @@ AVX2_ONLY_ENV = {
     "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse,+sse2,"
                           "+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
 }
+
+
+def drop_stale_numba_caches() -> None:
+    """numba keys a cached function on its own file's timestamp only, so a cached function keeps running the
+    callees it was compiled with after their file changed (kernels/multibit.py, kernels/chain.py and the C entry
+    points in runtime/cabi*.py call into kernels/bitconv.py; it happened in development: an old kernel in a
+    benchmark, a C-vs-PyOp mismatch in a test). A digest of all those sources, kept beside each file's cache,
+    drops the cache when any of them changed. Called before the first kernel loads (kernels/bitconv.py's import)."""
+    import hashlib
+    from pathlib import Path
+
+    try:  # numba's cache layout is not public API: if it moves, numba's own behaviour stays
+        from numba.core.caching import CacheImpl
+
+        root = Path(__file__).resolve().parent.parent
+        sources = sorted(root.glob("kernels/*.py")) + sorted(root.glob("runtime/cabi*.py")) + [root / "convgeom.py"]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+        for source in sources:
+            locator = next(filter(None, (cls.from_function(drop_stale_numba_caches, str(source))
+                                         for cls in CacheImpl._locator_classes)))
+            folder = Path(locator.get_cache_path())
+            stamp = folder / f"{source.stem}.sources-digest"
+            if stamp.exists() and stamp.read_text() == digest:
+                continue
+            for cached in folder.glob(f"{source.stem}.*.nb[ic]"):
+                cached.unlink(missing_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(digest)
+    except Exception:  # noqa: BLE001
+        pass

@@ -23,8 +23,10 @@ import numpy as np
 from numba import njit, prange
 
 from .. import convgeom
-from . import simd
+from . import drop_stale_numba_caches, simd
 from .simd import popcount
+
+drop_stale_numba_caches()  # before any function of this module or its callers loads from numba's cache
 
 
 def _vector_popcount() -> bool:
