@@ -109,6 +109,25 @@ def test_bitconv_kernel_exact_in_avx2_only_code():
     assert "1 passed" in result.stdout
 
 
+@pytest.mark.skipif(not _host_has_avx2(), reason="needs an x86-64 CPU with AVX2")
+def test_kernels_exact_with_the_other_register_tile(tmp_path):
+    """The host's tile is tested above; this runs the kernels' property tests (1-bit, multi-bit, packed-bit chains)
+    on the other one (ONNXOPT_KERNEL_TILE; its own numba cache), so both tiles are checked on any x86 machine."""
+    if os.environ.get("ONNXOPT_KERNEL_TILE") or os.environ.get("NUMBA_CPU_NAME"):
+        pytest.skip("already running with a fixed tile or CPU target")
+    other = "narrow" if bitconv.WIDE else "wide"
+    env = {**os.environ, "ONNXOPT_KERNEL_TILE": other, "NUMBA_CACHE_DIR": str(tmp_path)}
+    tests = [f"{__file__}::test_bitconv_kernel_matches_reference_exactly",
+             "test_multibit.py::test_lowered_kernel_equals_the_definition",
+             "test_chain.py::test_chained_kernels_equal_the_float_layers"]
+    code = f"from onnxopt.kernels import bitconv; assert bitconv.WIDE == {other == 'wide'}"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                            env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 passed" in result.stdout
+
+
 def test_conv1d_binarized_and_lowered(rng):
     w = rng.standard_normal((8, 5, 3)).astype(np.float32)
     model = conv_model(w, np.zeros(8, np.float32), pads=[1, 2], strides=[2])

@@ -37,9 +37,20 @@ def _vector_popcount() -> bool:
     return "+avx512vpopcntdq" in (config.CPU_FEATURES or binding.get_host_cpu_features().flatten())
 
 
+def _wide_tile() -> bool:
+    """The 8-channel tile with one popcount per 64-bit lane (AVX-512 VPOPCNTQ), or the 4-channel one with byte
+    counts. ONNXOPT_KERNEL_TILE=wide|narrow picks one, so that tests run the other tile's code on any x86 CPU
+    (LLVM emulates the vector popcount without AVX-512); numba's cache does not know this setting, so a process
+    that changes it needs its own NUMBA_CACHE_DIR."""
+    import os
+
+    forced = os.environ.get("ONNXOPT_KERNEL_TILE", "").lower()
+    return forced == "wide" if forced in ("wide", "narrow") else _vector_popcount()
+
+
 # 8 accumulators fill 8 of AVX-512's 32 zmm registers; with AVX2 each takes 2 of 16 ymm registers and the
 # byte-shuffle popcount needs several more, so 4 accumulators there (8 spilled: measured 2x slower)
-WIDE = _vector_popcount()
+WIDE = _wide_tile()
 TILE_CHANNELS = 8 if WIDE else 4
 TILE_PIXELS = simd.LANES
 GROUP_CHANNELS = 64  # output channels per parallel job (its input rows stay in L1); one word of emitted signs
@@ -207,6 +218,12 @@ def _finish_signs(sums, k0, k1, i, r, base, alpha, bias, signs):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _pixel_lanes(xflat, at, sw):
+    """The input words of 8 neighbouring output pixels (at stride sw) for one tap and channel word."""
+    return simd.load(xflat, at) if sw == 1 else simd.load_strided(xflat, at, sw)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, last, tiles, flat):
     """Popcount sums of one output row for output channels k_start..k_stop (columns of wflat, o of them in all,
     `last` the highest one this tile may read) into flat = sums[k − k_start, col], row stride tiles·8."""
@@ -224,8 +241,7 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
             if WIDE:  # vector popcount: one count per 64-bit lane
                 for t in range(steps):
-                    x = simd.load(xflat, origin + offsets[t]) if sw == 1 else \
-                        simd.load_strided(xflat, origin + offsets[t], sw)
+                    x = _pixel_lanes(xflat, origin + offsets[t], sw)
                     wt = t * o
                     a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
                     a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
@@ -239,8 +255,7 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
                 for t0 in range(0, steps, simd.BYTE_STEPS):
                     b0 = b1 = b2 = b3 = simd.zeros()
                     for t in range(t0, min(t0 + simd.BYTE_STEPS, steps)):
-                        x = simd.load(xflat, origin + offsets[t]) if sw == 1 else \
-                            simd.load_strided(xflat, origin + offsets[t], sw)
+                        x = _pixel_lanes(xflat, origin + offsets[t], sw)
                         wt = t * o
                         b0 = simd.xor_popcount_add_bytes(b0, simd.word(wflat, wt + k0), x)
                         b1 = simd.xor_popcount_add_bytes(b1, simd.word(wflat, wt + k1), x)

@@ -1,7 +1,7 @@
 """The C entry points of the packed-bit chain ops (PackSigns, PackedBitConv, PackedBitConvSigns; runtime/cabi.py says
 how the C path works, kernels/chain.py what they compute), imported when a session first chains layers."""
 import numpy as np
-from numba import carray, cfunc
+from numba import carray, cfunc, njit
 
 from .. import ops
 from ..kernels.chain import pack_signs_into, packed_conv_into
@@ -20,6 +20,20 @@ def _pack_signs_compute(data, dims):
     return 0
 
 
+@njit(cache=True, nogil=True)
+def _run_chained(data, dims, emit_signs):
+    """PackedBitConv (float output) or PackedBitConvSigns (sign bits) on tensors chained_shape accepted."""
+    bits, wp, alpha, bias, geometry, pool = chained_tensors(data, dims)
+    shape = (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3])
+    if emit_signs:
+        signs = carray(data[MAX_INPUTS], shape, np.uint64)
+        packed_conv_into(bits, pool, wp, alpha, bias, geometry, np.empty((0, 0, 0, 0), np.float32), signs)
+    else:
+        out = carray(data[MAX_INPUTS], shape, np.float32)
+        packed_conv_into(bits, pool, wp, alpha, bias, geometry, out, np.empty((0, 0, 0, 0), np.uint64))
+    return 0
+
+
 @cfunc(SHAPE, nogil=True, cache=True)
 def _packed_shape(dims, data):
     return chained_shape(dims, data, False)
@@ -27,10 +41,7 @@ def _packed_shape(dims, data):
 
 @cfunc(COMPUTE, nogil=True, cache=True)
 def _packed_compute(data, dims):
-    bits, wp, alpha, bias, geometry, pool = chained_tensors(data, dims)
-    out = carray(data[MAX_INPUTS], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.float32)
-    packed_conv_into(bits, pool, wp, alpha, bias, geometry, out, np.empty((0, 0, 0, 0), np.uint64))
-    return 0
+    return _run_chained(data, dims, False)
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
@@ -40,10 +51,7 @@ def _signs_shape(dims, data):
 
 @cfunc(COMPUTE, nogil=True, cache=True)
 def _signs_compute(data, dims):
-    bits, wp, alpha, bias, geometry, pool = chained_tensors(data, dims)
-    signs = carray(data[MAX_INPUTS], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.uint64)
-    packed_conv_into(bits, pool, wp, alpha, bias, geometry, np.empty((0, 0, 0, 0), np.float32), signs)
-    return 0
+    return _run_chained(data, dims, True)
 
 
 ENTRY_POINTS = {ops.PACK_SIGNS: (_pack_signs_shape, _pack_signs_compute),

@@ -107,15 +107,15 @@ def chained(model: onnx.ModelProto, base_dir: str = "") -> onnx.ModelProto | Non
         if id(node) not in by_producer and id(node) not in by_consumer:
             nodes.append(node)
             continue
-        name = node.name or node.output[0]
+        name, tag = node.name or node.output[0], node.output[0]  # output names are unique, node names need not be
         link_in = by_consumer.get(id(node))
         if link_in is None:  # a chain's first layer: its float input packed once
-            bits, pool = f"{name}/input_signs", NO_POOL
+            bits, pool = f"{tag}/input_signs", NO_POOL
             nodes.append(helper.make_node(ops.PACK_SIGNS, [node.input[0]], [bits], name=f"{name}/pack_signs",
                                           domain=ops.DOMAIN))
         else:
             bits, pool = signs_of[id(link_in.producer)], link_in.pool
-        pool_init = numpy_helper.from_array(pool, f"{name}/chain_pool")
+        pool_init = numpy_helper.from_array(pool, f"{tag}/chain_pool")
         graph.initializer.append(pool_init)
         emits = id(node) in by_producer
         nodes.append(helper.make_node(ops.PACKED_BIT_CONV_SIGNS if emits else ops.PACKED_BIT_CONV,
