@@ -15,7 +15,7 @@ import onnx
 
 from .. import ops
 from ..errors import OnnxoptError
-from .guard import CustomOpShapes, check_feed, graph_inputs
+from .guard import CustomOpShapes, check_feed, expected, graph_inputs
 
 
 def _uses_custom_ops(model: onnx.ModelProto) -> bool:
@@ -139,7 +139,7 @@ def _guarded_session_class():
         """An InferenceSession whose `run` checks feeds (guard.py) before a custom op can see them."""
 
         def guard(self, model: onnx.ModelProto, constants) -> None:
-            self._inputs = graph_inputs(model)
+            self._inputs = {name: expected(vi) for name, vi in graph_inputs(model).items()}  # read per run
             self._shapes = CustomOpShapes(model, constants)
 
         def run(self, output_names, input_feed, run_options=None):

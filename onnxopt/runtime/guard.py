@@ -22,17 +22,25 @@ def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {i.name: i for i in model.graph.input if i.name not in inits}
 
 
-def check_feed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto, source: str = "feed") -> None:
+def expected(vi: onnx.ValueInfoProto) -> tuple:
+    """(numpy dtype or None, dims with None where any size goes, or None for any rank) of a graph input."""
     tt = vi.type.tensor_type
-    want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+    want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
+    if not tt.HasField("shape"):
+        return want, None
+    return want, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+
+
+def check_feed(name: str, array: np.ndarray, vi: onnx.ValueInfoProto | tuple, source: str = "feed") -> None:
+    """Raise OnnxoptError unless `array` fits graph input `vi` (or its `expected` tuple, computed once)."""
+    want, dims = expected(vi) if isinstance(vi, onnx.ValueInfoProto) else vi
     if want is not None and array.dtype != want:
-        raise OnnxoptError(f"{source}: input '{name}' has dtype {array.dtype}, the model expects {np.dtype(want)}")
-    if tt.HasField("shape"):
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        if array.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, array.shape)):
-            shown = ["?" if d is None else str(d) for d in dims]
-            raise OnnxoptError(f"{source}: input '{name}' has shape {list(array.shape)}, "
-                               f"the model expects [{', '.join(shown)}]")
+        raise OnnxoptError(f"{source}: input '{name}' has dtype {array.dtype}, the model expects {want}")
+    if dims is not None and (array.ndim != len(dims) or
+                             any(d is not None and d != s for d, s in zip(dims, array.shape))):
+        shown = ["?" if d is None else str(d) for d in dims]
+        raise OnnxoptError(f"{source}: input '{name}' has shape {list(array.shape)}, "
+                           f"the model expects [{', '.join(shown)}]")
 
 
 class CustomOpShapes:
