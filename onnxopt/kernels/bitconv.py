@@ -218,15 +218,31 @@ def _finish_signs(sums, k0, k1, i, r, base, alpha, bias, signs):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _pixel_lanes(xflat, at, sw):
-    """The input words of 8 neighbouring output pixels (at stride sw) for one tap and channel word."""
-    return simd.load(xflat, at) if sw == 1 else simd.load_strided(xflat, at, sw)
+def _finish(sums, k0, k1, i, r, starts, cols, patterns, excess, base, alpha, bias, out, signs):
+    """One output row's sums (sums[k − k0, col]), padding removed, into out, or into signs when that is not empty."""
+    remove_padding(sums, k0, k1, 0, r, starts, cols, patterns, excess)
+    if signs.shape[0] > 0:
+        _finish_signs(sums, k0, k1, i, r, base, alpha, bias, signs)
+    else:
+        _finish_row(sums, k0, k1, i, r, base, alpha, bias, out)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, last, tiles, flat):
+def _pixel_lanes(xflat, at, next_row, sw):
+    """The input words of one tap and channel word for the tile's 8 output pixels: 8 neighbours in a row
+    (next_row < 0), or 4 in a row and 4 in the row next_row words further on (short rows)."""
+    if next_row < 0:
+        return simd.load(xflat, at) if sw == 1 else simd.load_strided(xflat, at, at + 4 * sw, sw)
+    return simd.load_halves(xflat, at, at + next_row) if sw == 1 else \
+        simd.load_strided(xflat, at, at + next_row, sw)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def channel_tiles(xflat, wflat, offsets, row_origin, next_row, sw, o, k_start, k_stop, last, tiles, flat):
     """Popcount sums of one output row for output channels k_start..k_stop (columns of wflat, o of them in all,
-    `last` the highest one this tile may read) into flat = sums[k − k_start, col], row stride tiles·8."""
+    `last` the highest one this tile may read) into flat = sums[k − k_start, col], row stride tiles·8. With
+    next_row ≥ 0 (rows of at most 4 pixels, one tile), lanes 4-7 hold the row whose input starts next_row words
+    after this one's: sums[k − k_start, 4 + col]."""
     steps = offsets.shape[0]
     stride = tiles * TILE_PIXELS
     for k0 in range(k_start, k_stop, TILE_CHANNELS):
@@ -241,7 +257,7 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
             if WIDE:  # vector popcount: one count per 64-bit lane
                 for t in range(steps):
-                    x = _pixel_lanes(xflat, origin + offsets[t], sw)
+                    x = _pixel_lanes(xflat, origin + offsets[t], next_row, sw)
                     wt = t * o
                     a0 = simd.xor_popcount_add(a0, simd.word(wflat, wt + k0), x)
                     a1 = simd.xor_popcount_add(a1, simd.word(wflat, wt + k1), x)
@@ -255,7 +271,7 @@ def channel_tiles(xflat, wflat, offsets, row_origin, sw, o, k_start, k_stop, las
                 for t0 in range(0, steps, simd.BYTE_STEPS):
                     b0 = b1 = b2 = b3 = simd.zeros()
                     for t in range(t0, min(t0 + simd.BYTE_STEPS, steps)):
-                        x = _pixel_lanes(xflat, origin + offsets[t], sw)
+                        x = _pixel_lanes(xflat, origin + offsets[t], next_row, sw)
                         wt = t * o
                         b0 = simd.xor_popcount_add_bytes(b0, simd.word(wflat, wt + k0), x)
                         b1 = simd.xor_popcount_add_bytes(b1, simd.word(wflat, wt + k1), x)
@@ -289,19 +305,23 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
     tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
     base, starts, border_cols, patterns, excess = padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w,
                                                                  oh, ow)
-    for job in prange(n * oh * groups):
+    # rows of at most 4 pixels go two to a tile (4x4 maps: all 8 lanes busy instead of 4)
+    per_job = 2 if 2 * ow <= TILE_PIXELS else 1
+    row_jobs = (oh + per_job - 1) // per_job
+    for job in prange(n * row_jobs * groups):
         g = job % groups
-        i = job // (oh * groups)
-        r = (job // groups) % oh
+        i = job // (row_jobs * groups)
+        r = (job // groups) % row_jobs * per_job
+        r2 = min(r + 1, oh - 1) if per_job == 2 else r  # an odd last row is computed twice, written once
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
+        next_row = (r2 - r) * sh * cw * cols if per_job == 2 else -1
         sums = np.empty((GROUP_CHANNELS, tiles * TILE_PIXELS), np.int32)  # the job's rows, scaled out at the end
-        channel_tiles(xflat, wflat, offsets, row_origin, sw, o, g0, g1, o - 1, tiles, sums.reshape(-1))
-        remove_padding(sums, g0, g1, 0, r, starts, border_cols, patterns, excess)
-        if emit_signs:
-            _finish_signs(sums, g0, g1, i, r, base, alpha, bias, signs)
-        else:
-            _finish_row(sums, g0, g1, i, r, base, alpha, bias, out)
+        channel_tiles(xflat, wflat, offsets, row_origin, next_row, sw, o, g0, g1, o - 1, tiles, sums.reshape(-1))
+        _finish(sums, g0, g1, i, r, starts, border_cols, patterns, excess, base, alpha, bias, out, signs)
+        if r2 != r:
+            _finish(sums[:, TILE_PIXELS // 2:], g0, g1, i, r2, starts, border_cols, patterns, excess, base, alpha,
+                    bias, out, signs)
 
 
 resolve_axis = njit(cache=True, nogil=True)(convgeom.resolve_axis)

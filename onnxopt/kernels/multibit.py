@@ -134,7 +134,7 @@ def conv_levels(xp, wp, taps_pop, alpha, scales, bias, channels, sh, sw, pt, pl,
             row_origin = j * plane_words + (i * rows + r * sh) * cw * cols
             for plane in range(levels_w):
                 first = plane * o
-                bitconv.channel_tiles(xflat, wflat, offsets, row_origin, sw, total, first + g0, first + g1,
+                bitconv.channel_tiles(xflat, wflat, offsets, row_origin, -1, sw, total, first + g0, first + g1,
                                       first + o - 1, tiles, sums.reshape(-1))
                 _add_pair(sums, plane, g0, g1, r, base, starts, border_cols, patterns, excess, alpha, scales[j, i],
                           acc)

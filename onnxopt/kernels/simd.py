@@ -82,8 +82,10 @@ def load(typingctx, array, index):
 
 
 @intrinsic
-def load_strided(typingctx, array, index, stride):
-    """array[index], array[index + stride], … (8 lanes) of a C-contiguous 1-D uint64 array."""
+def load_strided(typingctx, array, first, second, stride):
+    """Lanes 0-3: array[first + lane·stride]; lanes 4-7: array[second + (lane − 4)·stride] (second = first + 4·stride
+    for 8 neighbouring pixels of one row, or the start of the next row for two short rows), of a C-contiguous 1-D
+    uint64 array."""
     if not (isinstance(array, types.Array) and array.dtype == types.uint64 and array.ndim == 1):
         return None
 
@@ -91,10 +93,28 @@ def load_strided(typingctx, array, index, stride):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         vector = ir.Constant(_VEC, None)
         for lane in range(LANES):
-            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, lane)))
+            start = args[1] if lane < LANES // 2 else args[2]
+            at = builder.add(start, builder.mul(args[3], ir.Constant(args[3].type, lane % (LANES // 2))))
             vector = builder.insert_element(vector, builder.load(builder.gep(data, [at])),
                                             ir.Constant(ir.IntType(32), lane))
         return vector
+
+    return vec8(array, types.intp, types.intp, types.intp), codegen
+
+
+@intrinsic
+def load_halves(typingctx, array, first, second):
+    """array[first : first + 4] in lanes 0-3 and array[second : second + 4] in lanes 4-7 (two short output rows
+    in one vector), of a C-contiguous 1-D uint64 array."""
+    if not (isinstance(array, types.Array) and array.dtype == types.uint64 and array.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = ir.VectorType(_I64, LANES // 2)
+        parts = [builder.load(builder.bitcast(_lane_pointer(context, builder, signature.args[0], args[0], at),
+                                              half.as_pointer()), align=8) for at in (args[1], args[2])]
+        return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                                      list(range(LANES))))
 
     return vec8(array, types.intp, types.intp), codegen
 
