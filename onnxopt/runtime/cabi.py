@@ -226,6 +226,12 @@ ENTRY_MODULES = {ops.BIT_CONV: (0, "onnxopt.runtime.cabi_bitconv"),
                  ops.PACK_SIGNS: (2, "onnxopt.runtime.cabi_chain"),
                  ops.PACKED_BIT_CONV: (3, "onnxopt.runtime.cabi_chain"),
                  ops.PACKED_BIT_CONV_SIGNS: (4, "onnxopt.runtime.cabi_chain")}
+# per op: the numba kernel its entry points compile in; a cold cache for it means loading them compiles (announced)
+ENTRY_KERNELS = {ops.BIT_CONV: ("onnxopt.kernels.bitconv", "bit_conv_into"),
+                 ops.MULTIBIT_BIT_CONV: ("onnxopt.kernels.multibit", "multibit_bit_conv_into"),
+                 ops.PACK_SIGNS: ("onnxopt.kernels.chain", "pack_signs_into"),
+                 ops.PACKED_BIT_CONV: ("onnxopt.kernels.chain", "packed_conv_into"),
+                 ops.PACKED_BIT_CONV_SIGNS: ("onnxopt.kernels.chain", "packed_conv_into")}
 
 
 _lock = threading.Lock()
@@ -280,8 +286,10 @@ def _provide(op_types) -> None:
     from .pyop import compile_notice
 
     missing = sorted(set(op_types) - _state["ready"])
+    for op_type in missing:
+        kernel_module, kernel = ENTRY_KERNELS[op_type]
+        compile_notice(getattr(importlib.import_module(kernel_module), kernel))
     if missing and not _state["ready"]:
-        compile_notice(bitconv.bit_conv_into)
         _start_numba_threads()
     for op_type in missing:
         index, module = ENTRY_MODULES[op_type]

@@ -54,7 +54,8 @@ def _packed(kernel_name: str):
 _bit_conv, _multibit_bit_conv = _packed("bit_conv"), _packed("multibit_bit_conv")
 
 
-_noticed = False
+_noticed = False  # one notice per process
+_looked_up: set = set()  # kernels whose cache was looked at already
 
 
 def compile_notice(kernel) -> None:
@@ -63,11 +64,12 @@ def compile_notice(kernel) -> None:
     from ..kernels import bitconv
 
     global _noticed
-    if _noticed:
+    if _noticed or kernel in _looked_up:
         return
-    _noticed = True
+    _looked_up.add(kernel)
     folder = bitconv.cold_cache(kernel)
     if folder is not None:
+        _noticed = True
         sys.stderr.write(f"onnxopt: compiling the bit-packed convolution kernel for this CPU (once, a few seconds; "
                          f"cached in {folder})\n")
         sys.stderr.flush()
