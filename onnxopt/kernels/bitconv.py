@@ -218,6 +218,20 @@ def _finish_signs(sums, k0, k1, i, r, base, alpha, bias, signs):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def rows_per_job(ow):
+    """Rows of at most 4 pixels go two to a tile (a 4x4 map keeps all 8 lanes busy instead of 4)."""
+    return 2 if 2 * ow <= TILE_PIXELS else 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def job_rows(job, groups, row_jobs, per_job, oh):
+    """(channel group, sample, row, second row) of a parallel job; the second row is the row itself when the job has
+    one, and an odd last row is computed twice, written once."""
+    r = (job // groups) % row_jobs * per_job
+    return job % groups, job // (row_jobs * groups), r, min(r + 1, oh - 1) if per_job == 2 else r
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _finish(sums, k0, k1, i, r, starts, cols, patterns, excess, base, alpha, bias, out, signs):
     """One output row's sums (sums[k − k0, col]), padding removed, into out, or into signs when that is not empty."""
     remove_padding(sums, k0, k1, 0, r, starts, cols, patterns, excess)
@@ -305,14 +319,10 @@ def conv_packed(xp, wp, taps_pop, alpha, bias, channels, sh, sw, pt, pl, h, w, d
     tiles = (ow + TILE_PIXELS - 1) // TILE_PIXELS
     base, starts, border_cols, patterns, excess = padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w,
                                                                  oh, ow)
-    # rows of at most 4 pixels go two to a tile (4x4 maps: all 8 lanes busy instead of 4)
-    per_job = 2 if 2 * ow <= TILE_PIXELS else 1
+    per_job = rows_per_job(ow)
     row_jobs = (oh + per_job - 1) // per_job
     for job in prange(n * row_jobs * groups):
-        g = job % groups
-        i = job // (row_jobs * groups)
-        r = (job // groups) % row_jobs * per_job
-        r2 = min(r + 1, oh - 1) if per_job == 2 else r  # an odd last row is computed twice, written once
+        g, i, r, r2 = job_rows(job, groups, row_jobs, per_job, oh)
         g0, g1 = g * GROUP_CHANNELS, min(o, (g + 1) * GROUP_CHANNELS)
         row_origin = (i * rows + r * sh) * cw * cols
         next_row = (r2 - r) * sh * cw * cols if per_job == 2 else -1

@@ -123,23 +123,29 @@ def conv_levels(xp, wp, taps_pop, alpha, scales, bias, channels, sh, sw, pt, pl,
                                                                          h, w, oh, ow)
     plane_words = n * rows * cw * cols
     xflat = xp.reshape(-1)
-    for job in prange(n * oh * groups):
-        g = job % groups
-        i = job // (oh * groups)
-        r = (job // groups) % oh
+    per_job = bitconv.rows_per_job(ow)
+    row_jobs = (oh + per_job - 1) // per_job
+    for job in prange(n * row_jobs * groups):
+        g, i, r, r2 = bitconv.job_rows(job, groups, row_jobs, per_job, oh)
         g0, g1 = g * group, min(o, (g + 1) * group)
+        next_row = (r2 - r) * sh * cw * cols if per_job == 2 else -1
         sums = np.empty((group, tiles * bitconv.TILE_PIXELS), np.int32)
-        acc = np.zeros((group, ow), np.float32)
+        acc = np.zeros((per_job, group, ow), np.float32)  # the job's rows
         for j in range(levels_x):
             row_origin = j * plane_words + (i * rows + r * sh) * cw * cols
             for plane in range(levels_w):
                 first = plane * o
-                bitconv.channel_tiles(xflat, wflat, offsets, row_origin, -1, sw, total, first + g0, first + g1,
-                                      first + o - 1, tiles, sums.reshape(-1))
+                bitconv.channel_tiles(xflat, wflat, offsets, row_origin, next_row, sw, total, first + g0,
+                                      first + g1, first + o - 1, tiles, sums.reshape(-1))
                 _add_pair(sums, plane, g0, g1, r, base, starts, border_cols, patterns, excess, alpha, scales[j, i],
-                          acc)
+                          acc[0])
+                if r2 != r:
+                    _add_pair(sums[:, bitconv.TILE_PIXELS // 2:], plane, g0, g1, r2, base, starts, border_cols,
+                              patterns, excess, alpha, scales[j, i], acc[1])
         for k in range(g0, g1):
-            out[i, k, r, :] = acc[k - g0] + bias[k]
+            out[i, k, r, :] = acc[0, k - g0] + bias[k]
+            if r2 != r:
+                out[i, k, r2, :] = acc[1, k - g0] + bias[k]
 
 
 @njit(cache=True, nogil=True)
