@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import ops
+from ..convgeom import MAX_PAD, MAX_STEP
 from ..kernels.chain import NO_POOL
 from ..model import Constants, copy_model, node_attributes
 
@@ -42,8 +43,10 @@ def _pool_vector(node: onnx.NodeProto) -> np.ndarray | None:
         return None
     strides, dilations = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
     pads = list(a.get("pads", [0, 0, 0, 0]))
-    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4 or min(kernel + strides + dilations) < 1:
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
         return None
+    if not all(1 <= v <= MAX_STEP for v in kernel + strides + dilations) or not all(0 <= v <= MAX_PAD for v in pads):
+        return None  # outside what the chain op accepts (runtime/cabi.py)
     return np.array(kernel + strides + dilations + pads, np.int64)
 
 
