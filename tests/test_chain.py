@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 from onnxopt import api, ops, runtime
 from onnxopt.convgeom import Geometry
 from onnxopt.kernels import bitconv, chain, packing
+from onnxopt.model import Constants
 from onnxopt.runtime import cabi, chains
 
 
@@ -109,17 +110,11 @@ def test_sessions_chain_the_links_and_keep_the_outputs(pool_attrs):
 def test_links_it_cannot_reproduce_stay_float():
     model = _block_model([8, 16, 16, 8], dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1))
     lowered, _ = api.binarize(model, skip=["first_conv"])
-    assert not chains.find_links(lowered.graph, _constants(lowered))  # ceil mode: the windows differ
+    assert not chains.find_links(lowered.graph, Constants(lowered.graph))  # ceil mode: the windows differ
     read_twice = _block_model([8, 16, 16, 8], None, extra_output=True)  # conv2's output is a graph output too
     lowered, _ = api.binarize(read_twice, skip=["first_conv"])
-    links = chains.find_links(lowered.graph, _constants(lowered))
+    links = chains.find_links(lowered.graph, Constants(lowered.graph))
     assert [(link.producer.name, link.consumer.name) for link in links] == [("conv1", "conv2")]  # conv2.y: an output
-
-
-def _constants(model):
-    from onnxopt.model import Constants
-
-    return Constants(model.graph)
 
 
 def test_bad_input_to_a_chain_op_is_an_error_not_a_crash():
