@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import numpy as np
+from common import conv_model, isa_label, kernel_timer, median_ms, paired_ms
 
 import onnxopt
-from common import conv_model, isa_label, kernel_timer, median_ms, paired_ms
 from onnxopt.kernels import AVX2_ONLY_ENV
 
 ROWS = [(64, 56), (128, 28), (256, 14), (512, 7)]

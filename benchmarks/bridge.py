@@ -17,8 +17,9 @@ import numpy as np
 from onnx import numpy_helper
 
 os.environ.pop("ONNXOPT_KERNEL_PATH", None)
-import onnxopt  # noqa: E402
 from common import conv_model, median_ms, paired_ms  # noqa: E402
+
+import onnxopt  # noqa: E402
 from onnxopt.kernels import bitconv  # noqa: E402
 from onnxopt.runtime import cabi, pyop  # noqa: E402
 

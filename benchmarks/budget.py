@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxopt import api, budget
-from onnxopt.options import FactorOptions, SelectOptions
-from onnxopt.passes import factor
+from onnxopt import api
+from onnxopt.passes.factor import budget
+from onnxopt.passes.factor import dense as factor
+from onnxopt.passes.factor.options import FactorOptions
+from onnxopt.pipeline.options import SelectOptions
 from onnxopt.runtime import run
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -21,8 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import api
+from onnxopt.measure.compare import alternating_latency
 from onnxopt.runtime import run
-from onnxopt.runtime.measure import alternating_latency
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]  # channels (C = O), spatial size

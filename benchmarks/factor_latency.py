@@ -6,10 +6,10 @@ Goal: latency ratio (factored / original) within 1.25x of the FLOP ratio k(m+n) 
 """
 import numpy as np
 import onnx
+from common import median_ms, single_node_model
 from onnx import helper
 
 import onnxopt
-from common import median_ms, single_node_model
 
 CASES = [(1024, 1024, 128, 1), (1024, 1024, 128, 64), (4096, 1024, 256, 16), (2048, 2048, 256, 128),
          (4096, 4096, 512, 32), (784, 400, 120, 256)]

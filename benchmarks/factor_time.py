@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import onnx
+from common import single_node_model
 from onnx import helper
 
 import onnxopt
-from common import single_node_model
 
 
 def main(m=25088, n=4096, rank="0.1"):

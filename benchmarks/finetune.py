@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnxopt import api, runtime  # noqa: E402
+from onnxopt.measure.feeds import random_feeds  # noqa: E402
 
 
 def accuracy_rows(folder: Path) -> list[tuple]:
@@ -53,12 +54,12 @@ def accuracy_rows(folder: Path) -> list[tuple]:
 def mechanics(path: Path, folder: Path, input_shape: tuple[int, ...], first_conv: str):
     import onnx
 
-    from onnxopt.model import input_shapes
+    from onnxopt.graph.shapes import input_shapes
 
     source = onnx.load(path)
     name = next(iter(runtime.graph_inputs(source)))
     with input_shapes(source, {name: input_shape}):
-        feeds = runtime.random_feeds(source, input_shape[0] * 4)
+        feeds = random_feeds(source, input_shape[0] * 4)
     data = folder / "random.npz"
     np.savez(data, **feeds)
     for command, options in (("binarize", {"skip": [first_conv]}), ("factor", {"rank": "0.5"})):

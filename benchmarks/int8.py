@@ -1,7 +1,7 @@
 """`onnxopt quantize` on the sample models: size, held-out accuracy and latency against the float model.
 
 Latency: onnxruntime, float and int8 sessions timed in alternating blocks of ~50 ms, 21 rounds, in the same process
-(onnxopt.runtime.measure.alternating_latency), batch 1 and batch 8; the median of the rounds and their range.
+(onnxopt.measure.compare.alternating_latency), batch 1 and batch 8; the median of the rounds and their range.
 Accuracy on the 1,000 held-out digits; calibration on the 256-digit split; the --max-drop exclusion (where used)
 scores on 1,000 training digits, not on the held-out ones.
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxopt import api
+from onnxopt.measure.compare import alternating_latency
 from onnxopt.runtime import run
-from onnxopt.runtime.measure import alternating_latency
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

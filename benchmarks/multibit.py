@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import conv_model, isa_label, paired_ms
 
 import onnxopt
-from common import conv_model, isa_label, paired_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [(64, 56), (128, 28), (256, 14), (512, 7)]

@@ -16,13 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import api, runtime  # noqa: E402
-from onnxopt.model import input_shapes  # noqa: E402
-from onnxopt.runtime.measure import alternating_latency  # noqa: E402
+from onnxopt import api  # noqa: E402
+from onnxopt.graph.shapes import input_shapes  # noqa: E402
+from onnxopt.measure.compare import alternating_latency  # noqa: E402
+from onnxopt.measure.feeds import random_feeds  # noqa: E402
 
 
 def accuracy_table():
@@ -64,7 +64,7 @@ def latency(name: str, source, shape: dict, keep: float = 0.5, batch: int = 8):
     with input_shapes(model, shape):
         pruned, report = api.prune(model, keep=keep, input_shape=[f"{k}:{','.join(map(str, v))}"
                                                                   for k, v in shape.items()])
-        feeds = runtime.random_feeds(model, batch)
+        feeds = random_feeds(model, batch)
     flops = report.size["flops_before"] / report.size["flops_after"]
     runs = [alternating_latency(model, pruned, feeds) for _ in range(3)]
     speedup = statistics.median(r["speedup"] for r in runs)

@@ -21,9 +21,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import api
-from onnxopt.model import input_shapes
-from onnxopt.options import ShapeOptions
-from onnxopt.runtime import random_feeds, run
+from onnxopt.graph.shapes import input_shapes
+from onnxopt.measure.feeds import random_feeds
+from onnxopt.pipeline.options import ShapeOptions
+from onnxopt.runtime import run
 
 
 def weights(model: onnx.ModelProto) -> int:

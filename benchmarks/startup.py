@@ -11,9 +11,9 @@ import tempfile
 import time
 
 import onnx
+from common import conv_model
 
 import onnxopt
-from common import conv_model
 
 FIRST_RUN = """
 import time, numpy as np

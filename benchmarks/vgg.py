@@ -18,11 +18,11 @@ import tempfile
 
 import numpy as np
 import onnx
+from common import alternating_ms, isa_label, vgg_model
 
 import onnxopt
 import onnxopt.api
 import onnxopt.runtime.cabi
-from common import alternating_ms, isa_label, vgg_model
 
 GOAL = 4.0  # AVX-512; 2.5x with AVX2 only
 

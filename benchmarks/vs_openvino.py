@@ -46,9 +46,9 @@ def openvino_layer(w, alpha, bias, batch, h):
 
 def child():
     import onnx
+    from common import alternating_ms, conv_model, isa_label
 
     import onnxopt
-    from common import alternating_ms, conv_model, isa_label
 
     rng = np.random.default_rng(0)
     rows = []

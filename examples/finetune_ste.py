@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from onnxopt.convgeom import Geometry
+from onnxopt.kernels.geometry import Geometry
 
 
 class _Sign(torch.autograd.Function):

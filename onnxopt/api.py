@@ -1,74 +1,63 @@
 """The public Python API: one function per command. The CLI is a thin layer over these functions.
 
-`factor`, `binarize` and `lower` take a model (a ModelProto or a path) and the command's options as
-keywords, exactly the CLI's long option names with '-' → '_' (`rank="0.6"`, `skip=["out"]`,
-`check=16`, `max_error=0.5`, `output="small.onnx"`), and return (new model, Report). The input model is
-never modified. Validation lives in `options`, so a bad keyword here fails with the CLI's message.
+The rewriting commands (factor, binarize, prune, lower, quantize: one function each, made from the command
+registry) take a model (a ModelProto or a path) and the command's options as keywords, exactly the CLI's long
+option names with '-' → '_' (`rank="0.6"`, `skip=["out"]`, `check=16`, `max_error=0.5`, `output="small.onnx"`),
+and return (new model, Report). The input model is never modified. Validation lives in the option dataclasses,
+so a bad keyword here fails with the CLI's message.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import onnx
 
-from . import options as opt
-from . import pipeline
 from .errors import GateFailed, OnnxoptError, UsageError
-from .passes import Progress
+from .passes.rules import Progress
+from .pipeline import build as commands
+from .pipeline import options as opt
+from .pipeline import registry
+from .pipeline import steps as pipeline_steps
 from .report import Report
 
 Model = onnx.ModelProto | str | os.PathLike
 
 
 def _source(model: Model) -> tuple[onnx.ModelProto, list]:
-    from .model import load_model_and_files
+    from .graph.io import load_model_and_files
 
     if isinstance(model, onnx.ModelProto):
         return model, []
     return load_model_and_files(model)
 
 
-def _command(command: str, model: Model, progress: Progress | None, options: dict[str, Any]):
-    from .model import input_shapes
+def run_command(name: str, model: Model, *, progress: Progress | None = None,
+                **options) -> tuple[onnx.ModelProto, Report]:
+    """Run the registered command `name` (pipeline/registry.py) on `model` with the CLI's options as keywords."""
+    from .graph.shapes import check_input_shapes
 
-    groups = opt.parse(command, options)  # usage errors before any file is read
+    groups = registry.parse(name, options)  # usage errors before any file is read
     source, protected = _source(model)
-    with input_shapes(source, groups[opt.ShapeOptions].shapes):
-        steps = pipeline.build(command, source, groups, protected=protected, progress=progress)
-        return pipeline.run(source, steps, Report(command=command))
+    check_input_shapes(source, groups[opt.ShapeOptions].shapes)
+    steps = commands.build(name, source, groups, protected=protected, progress=progress)
+    return pipeline_steps.run(source, steps, Report(command=name))
 
 
-def factor(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """Gemm / MatMul(X, const W) → two MatMuls of rank k: W (m×n) ≈ U (m×k)·V (k×n).
-    With `calibration` (.npz path or dict keyed by input name) the factors minimize each layer's output
-    error on those inputs (whitened SVD) instead of the weight error."""
-    return _command("factor", model, progress, options)
+def _command_function(command: registry.Command):
+    """The API function of a registered command: `onnxopt.factor(model, rank="0.6")` is `onnxopt factor MODEL
+    --rank 0.6`."""
+    def function(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
+        return run_command(command.name, model, progress=progress, **options)
+
+    function.__name__ = function.__qualname__ = command.name
+    function.__doc__ = (f"{command.help}\n\nOptions: the keywords of `onnxopt {command.name} --help` (long option "
+                        "names, '-' → '_'). Returns (new model, Report); the input model is never modified.")
+    return function
 
 
-def binarize(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """Conv → BinaryConv ('transform'), [refit α/bias on calibration data], [train], → BitConv (stage 'all')."""
-    return _command("binarize", model, progress, options)
-
-
-def prune(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """Channel pruning (passes/prune.py): each prunable Conv/Gemm keeps `keep` of its output channels, the
-    channels followed through the graph; with `calibration`, reconstruction-based selection and a least-squares
-    refit of the next layers."""
-    return _command("prune", model, progress, options)
-
-
-def lower(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """BinaryConv (or its --emulate form) → BitConv: weights packed to bits for the native kernel, then a
-    BatchNormalization that follows a BitConv folded into its α and bias (`keep_batchnorm=True`: not)."""
-    return _command("lower", model, progress, options)
-
-
-def quantize(model: Model, *, progress: Progress | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """int8 through onnxruntime.quantization (static QDQ with `calibration`, dynamic without); with `max_drop`
-    and `data`, the layers that cost most accuracy alone are kept float until the model passes."""
-    return _command("quantize", model, progress, options)
+# factor, binarize, prune, lower, quantize, and any command registered later
+globals().update({name: _command_function(c) for name, c in registry.COMMANDS.items()})
 
 
 def finetune(original: Model, transformed: Model, data, *, labels: str | None = None, epochs: int | None = None,
@@ -76,56 +65,49 @@ def finetune(original: Model, transformed: Model, data, *, labels: str | None = 
              output=None, force: bool = False, external_data: bool = False,
              progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """The staged workflow: train `transformed` (e.g. written by `binarize --stage transform` or `factor`) by
-    distillation from `original` on the inputs in `data` (train/distill.py); the graph is unchanged, only
+    distillation from `original` on the inputs in `data` (recover/distill.py); the graph is unchanged, only
     weight values. Lower a binarized result with `lower` afterwards."""
     tune = opt.FinetuneOptions(finetune=data, epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature)
     save = opt.SaveOptions(output=output, force=force, external_data=external_data)
     (teacher, files_a), (student, files_b) = _source(original), _source(transformed)
-    steps = [pipeline.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),
-             pipeline.ValidateCustomOps(), pipeline.Check(teacher, opt.CheckOptions())]
+    steps = [pipeline_steps.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),
+             pipeline_steps.ValidateCustomOps(), pipeline_steps.Check(teacher, opt.CheckOptions())]
     if output is not None:
-        steps.append(pipeline.Save.checked(save, files_a + files_b))
-    return pipeline.run(student, steps, Report(command="finetune"))
+        steps.append(pipeline_steps.Save.checked(save, files_a + files_b))
+    return pipeline_steps.run(student, steps, Report(command="finetune"))
 
 
 def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None = None, output=None,
-          force: bool = False, external_data: bool = False) -> tuple[onnx.ModelProto, Report]:
-    """Run a recipe (recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
-    validated before the model is read. Raises GateFailed when a gate fails (nothing written)."""
-    from . import recipe as recipes
+          force: bool = False, external_data: bool = False, strict: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """Run a recipe (pipeline/recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
+    validated before the model is read. Raises GateFailed when a gate fails (nothing written), and with
+    `strict` when no layer was changed."""
+    from .pipeline import recipe as recipes
 
     loaded = recipes.load(recipe)
-    save = opt.SaveOptions(output=output, force=force, external_data=external_data)
+    save = opt.SaveOptions(output=output, force=force, external_data=external_data, strict=strict)
     source, protected = _source(model)
-    return pipeline.run_recipe(source, loaded, save, protected=protected, progress=progress)
-
-
-def _check_workers(jobs: int, ray: str | None) -> None:
-    if jobs < 1:
-        raise UsageError(f"invalid --jobs {jobs}: give a number of processes >= 1")
-    if ray is not None and (not str(ray).strip() or jobs != 1):
-        raise UsageError("--ray takes a cluster address (host:port, 'auto', or 'local' to start one here) and "
-                         "replaces --jobs: Ray schedules the candidates on the cluster's CPUs")
+    return commands.run_recipe(source, loaded, save, protected=protected, progress=progress)
 
 
 def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1, ray: str | None = None,
           keep_best=None, report=None, latency: bool = True, progress: Progress | None = None):
     """Every combination of `grid` (["factor.rank=0.3,0.5", ...]) run as the pipeline would, scored on `data`
-    against the input model, with size, FLOPs and latency and the Pareto front (sweep.py). `jobs` local worker
+    against the input model, with size, FLOPs and latency and the Pareto front (pipeline/sweep.py). `jobs` local worker
     processes, or `ray`: the address of a Ray cluster to run the candidates on. `keep_best`: a folder for the
     front's models; `report`: an HTML file with the table and charts (needs matplotlib)."""
     from pathlib import Path
 
-    from . import sweep as sweeps
-    from .model import check_output
+    from .graph.io import check_output
+    from .pipeline import sweep as sweeps
 
     axes = sweeps.parse_grid(list(grid))  # usage errors before any work
     base = None
     if recipe is not None:
-        from . import recipe as recipes
+        from .pipeline import recipe as recipes
 
         base = recipes.load(recipe).steps
-    _check_workers(jobs, ray)
+    opt.SweepOptions(grid=tuple(grid), recipe=recipe, jobs=jobs, ray=ray, keep_best=keep_best, report=report)
     if report is not None:
         check_output(report, force=True)
     source, _ = _source(model)
@@ -134,15 +116,16 @@ def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, j
     if keep_best is not None:
         folder = Path(keep_best)
         folder.mkdir(parents=True, exist_ok=True)
-        from .model import save_model
+        from .graph.io import save_model
 
         for i, row in enumerate(r for r in result.rows if r["front"]):
             row["path"] = str(save_model(onnx.load_model_from_string(row["model"]), folder / f"front_{i}.onnx",
                                          force=True))
     if report is not None:
-        from .model import atomic_write_text
+        from .graph.io import atomic_write_text
+        from .pipeline.report_page import html_report
 
-        atomic_write_text(sweeps.html_report(result), report)
+        atomic_write_text(html_report(result), report)
     return result
 
 
@@ -151,19 +134,20 @@ def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, job
     """Distiller's sensitivity analysis: for `axis` ("factor.rank=0.1,0.3"), per layer the step changes and per
     value, the score with only that layer changed (sweep.sensitivity). `report`: an HTML file with the table
     and a chart of score vs value per layer."""
-    from . import sweep as sweeps
-    from .model import check_output
+    from .graph.io import check_output
+    from .pipeline import sweep as sweeps
 
     (parsed,) = sweeps.parse_grid([axis])
-    _check_workers(jobs, ray)
+    opt.SweepOptions(sensitivity=axis, jobs=jobs, ray=ray, report=report)
     if report is not None:
         check_output(report, force=True)
     result = sweeps.sensitivity(_source(model)[0], data, parsed, labels=labels, jobs=jobs, ray=ray,
                                 progress=progress)
     if report is not None:
-        from .model import atomic_write_text
+        from .graph.io import atomic_write_text
+        from .pipeline.report_page import sensitivity_html
 
-        atomic_write_text(sweeps.sensitivity_html(result), report)
+        atomic_write_text(sensitivity_html(result), report)
     return result
 
 
@@ -172,20 +156,22 @@ def inspect(model: Model, *, input_shape=()) -> dict:
     marked) with weight shape, params, FLOPs per sample (None where a size is unknown) and each pass's verdict,
     "totals": the whole model's params, weight bytes, model bytes and FLOPs, "notes"}. `input_shape`: sizes for
     symbolic inputs, as `--input-shape`."""
-    from .inspection import inspect_model
-    from .model import input_shapes
+    from .graph.shapes import check_input_shapes
+    from .measure.inspect import inspect_model
 
+    shapes = opt.ShapeOptions(input_shape=tuple(input_shape)).shapes
     source, _ = _source(model)
-    with input_shapes(source, opt.ShapeOptions(input_shape=tuple(input_shape)).shapes):
-        return inspect_model(source)
+    check_input_shapes(source, shapes)
+    return inspect_model(source, shapes)
 
 
 def run(model: Model, data) -> dict[str, np.ndarray]:
     """Outputs of any model (plain, transformed, lowered) on `data` (.npz path or dict keyed by input name)."""
     from . import runtime
+    from .measure.feeds import feeds_from
 
     source, _ = _source(model)
-    feeds = runtime.feeds_from(data, source)
+    feeds = feeds_from(data, source)
     # from the file when there is one: no 2 GiB re-serialization
     return runtime.run(model if not isinstance(model, onnx.ModelProto) else source, feeds)
 
@@ -193,22 +179,21 @@ def run(model: Model, data) -> dict[str, np.ndarray]:
 def check(reference: Model, candidate: Model, *, data=None, samples: int = 8) -> dict:
     """Both models in onnxruntime with graph optimizations off: max abs/rel output difference per output,
     on `data` or on `samples` random inputs."""
-    from . import runtime
+    from .measure.compare import compare_outputs
+    from .measure.feeds import feeds_from, random_feeds
 
     a, b = _source(reference)[0], _source(candidate)[0]
-    feeds = runtime.feeds_from(data, a) if data is not None else runtime.random_feeds(a, samples)
-    return runtime.compare_outputs(a, b, feeds)
+    feeds = feeds_from(data, a) if data is not None else random_feeds(a, samples)
+    return compare_outputs(a, b, feeds)
 
 
 def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy: float | None = None,
             max_drop: float | None = None) -> dict:
     """A vs B on `data` (.npz): top-1 agreement, accuracy (with labels), output differences, latency.
     Raises GateFailed when B's accuracy is below `min_accuracy` or drops more than `max_drop`."""
-    from .runtime.measure import compare_models
+    from .measure.compare import compare_models
 
-    for name, value in (("--min-accuracy", min_accuracy), ("--max-drop", max_drop)):
-        if value is not None and not 0 <= value <= 1:
-            raise UsageError(f"invalid {name} {value}: give a fraction in [0, 1]")
+    opt.CompareOptions(model_a=a, model_b=b, min_accuracy=min_accuracy, max_drop=max_drop)
     result = compare_models(_source(a)[0], _source(b)[0], data, labels=labels)
     acc_a, acc_b = result["A"]["accuracy"], result["B"]["accuracy"]
     if (min_accuracy is not None or max_drop is not None) and acc_b is None:
@@ -220,5 +205,5 @@ def compare(a: Model, b: Model, data, *, labels: str | None = None, min_accuracy
     return result
 
 
-__all__ = ["factor", "binarize", "prune", "lower", "quantize", "finetune", "apply", "sweep", "sensitivity",
+__all__ = [*registry.COMMANDS, "finetune", "apply", "sweep", "sensitivity",
            "inspect", "run", "check", "compare", "OnnxoptError"]

@@ -1,4 +1,5 @@
 """One exception family for everything a user can cause; the CLI maps it to one line on stderr."""
+from __future__ import annotations
 
 
 class OnnxoptError(Exception):

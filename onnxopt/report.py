@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-
 LARGE_ERROR = 0.8  # a layer losing more than this relative error is warned about (0.5 is common and harmless
 # for a conv without calibration: the sample CNN keeps its accuracy with conv errors of 0.5-0.7)
 
@@ -42,7 +41,7 @@ class Report:
     latency: dict | None = None  # --min-speedup: measure.alternating_latency (a = input model, b = output)
     recipe: dict | None = None  # apply: {"path", "steps": [a summary row per command]}
     patterns: list | None = None  # [{"flag", "pattern", "layers": [names matched]}]
-    finetune: dict | None = None  # --finetune: train/distill.py's summary (loss per epoch, before/after)
+    finetune: dict | None = None  # --finetune: recover/distill.py's summary (loss per epoch, before/after)
 
     def merge(self, step: "Report") -> None:
         """Add what one pipeline step did. A layer already listed as changed keeps its row and action

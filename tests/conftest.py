@@ -21,6 +21,19 @@ def parse_model(text: str, ir_version: int = 8) -> onnx.ModelProto:
     return model
 
 
+def conv_model(w, bias=None, name="conv", input_shape=None, **attrs) -> onnx.ModelProto:
+    """One Conv of weight `w` (and `bias`), input X of symbolic N, H, W unless `input_shape` is given."""
+    from onnx import helper, numpy_helper
+
+    inputs = ["X", "W"] + (["B"] if bias is not None else [])
+    inits = [numpy_helper.from_array(w, "W")] + ([numpy_helper.from_array(bias, "B")] if bias is not None else [])
+    node = helper.make_node("Conv", inputs, ["Y"], name=name, **attrs)
+    shape = input_shape or ["N", w.shape[1] * attrs.get("group", 1)] + ["H", "W"][: w.ndim - 2]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
 def ort_run(model, feeds):
     import onnxopt
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS, cli, run_cli, sha256
 
 import onnxopt
-from conftest import MODELS, cli, run_cli, sha256
 
 
 @pytest.fixture

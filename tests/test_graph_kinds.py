@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-import onnxopt
-
 from conftest import assert_clean_refusal, run_cli, sha256
 from zoo import KINDS, feeds_for
+
+import onnxopt
 
 COMMANDS = ("factor", "binarize", "lower", "run", "inspect")
 # Valid models are refused only where onnxruntime itself cannot run the input (and says why).
@@ -31,7 +30,7 @@ def assert_valid_output(source: onnx.ModelProto, path: Path):
 
 def unique_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as onnxruntime can load it: repeated node names suffixed (what the commands do too)."""
-    from onnxopt.passes import _rename_repeated
+    from onnxopt.passes.rules import _rename_repeated
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS, ROOT, assert_clean_refusal, run_cli, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import onnxopt
-from conftest import MODELS, ROOT, assert_clean_refusal, run_cli, sha256
 from onnxopt.errors import OnnxoptError
 
 HOOKS = "hookmods.trainhooks"
@@ -322,7 +322,7 @@ def test_sigterm_mid_write_leaves_no_partial_file(tmp_path):
     """SIGTERM while the model is being saved: exit 143, no temp folder or partial output."""
     code = f"""
 import os, signal, onnx, sys
-from onnxopt import model as m
+from onnxopt.graph import io as m
 real = onnx.save_model
 def slow(*a, **k):
     real(*a, **k)

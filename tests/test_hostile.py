@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_clean_refusal, run_cli, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
+from zoo import KINDS, feeds_for
 
 import onnxopt
 from onnxopt.errors import OnnxoptError
-
-from conftest import assert_clean_refusal, run_cli, sha256
-from zoo import KINDS, feeds_for
 
 REWRITES = ("factor", "binarize", "lower")
 

@@ -4,12 +4,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import ROOT, accuracy, cli, load_split
 from onnx import numpy_helper
 
 import onnxopt
-from onnxopt.train.hooks import reconstruct
-
-from conftest import ROOT, accuracy, cli, load_split
+from onnxopt.recover.hooks import reconstruct
 
 HOOKS = "hookmods.trainhooks"
 TRAINER = ROOT / "tests" / "hookmods" / "trainhooks.py"

@@ -1,4 +1,5 @@
 """Compute kernels, apart from graph code: numba bit-packed convolution and numpy references."""
+from __future__ import annotations
 
 # numba compiles for the host CPU. This environment makes it emit AVX2-only code (no AVX-512, no VPOPCNTQ)
 # in a fresh process, for testing and benchmarking that code path on an AVX-512 machine; compiled kernels
@@ -23,7 +24,7 @@ def drop_stale_numba_caches() -> None:
         from numba.core.caching import CacheImpl
 
         root = Path(__file__).resolve().parent.parent
-        sources = sorted(root.glob("kernels/*.py")) + sorted(root.glob("runtime/cabi*.py")) + [root / "convgeom.py"]
+        sources = sorted(root.glob("kernels/*.py")) + sorted(root.glob("runtime/cabi*.py"))
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
         for source in sources:
             locator = next(filter(None, (cls.from_function(drop_stale_numba_caches, str(source))

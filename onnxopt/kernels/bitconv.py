@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .. import convgeom
 from . import drop_stale_numba_caches, simd
+from . import geometry as convgeom
 from .simd import popcount
 
 drop_stale_numba_caches()  # before any function of this module or its callers loads from numba's cache

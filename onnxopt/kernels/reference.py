@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..convgeom import Geometry
+from .geometry import Geometry
 
 
 def sign(v: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def multibit_activation(x: np.ndarray, levels: int) -> np.ndarray:
 def multibit_conv(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, bias: np.ndarray, geometry: np.ndarray):
     """MultibitConv: Conv(approx(X), approx(W)) + bias with zero padding, computed in float64 from the
     approximations themselves (the oracle for the bit-serial kernel)."""
-    from ..convgeom import im2col
+    from .geometry import im2col
 
     g = Geometry.decode(geometry[:11])
     xa, wa = multibit_activation(x, int(geometry[11])), multibit_weight(w, alpha)

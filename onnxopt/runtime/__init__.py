@@ -1,4 +1,4 @@
-"""onnxruntime sessions that can run onnxopt's custom ops, and what runs models: feeds, run, compare.
+"""onnxruntime sessions that can run onnxopt's custom ops, and `run`: a model's outputs on feeds.
 
 `session(model)` is what users call: a guarded InferenceSession that checks feeds before a custom op
 can see them. `session_options()` gives SessionOptions with the com.onnxopt ops registered, for code
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import ops
 from ..errors import OnnxoptError
+from ..graph import schemas as ops
 from .guard import CustomOpShapes, check_feed, expected, graph_inputs
 
 
@@ -78,7 +78,7 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True
     BitConv → Relu/MaxPool → BitConv links in packed bits (runtime/chains.py: same outputs, bit for bit)."""
     import tempfile
 
-    from ..model import over_protobuf_limit, save_model
+    from ..graph.io import over_protobuf_limit, save_model
 
     if isinstance(model, (str, os.PathLike)):
         proto = onnx.load(str(model), load_external_data=False)  # the session reads the weights itself
@@ -112,7 +112,7 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
     custom = _uses_custom_ops(proto)
     runs = proto  # what onnxruntime runs; `proto` is what the guard checks feeds against
     if custom:
-        from ..model import Constants
+        from ..graph.constants import Constants
 
         constants = Constants(proto.graph, base_dir)
         ops.check_custom_nodes(proto.graph, constants.get)
@@ -153,76 +153,6 @@ def _guarded_session_class():
     return GuardedSession
 
 
-def feeds_from(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Feeds from an .npz path (`load_feeds`) or a dict of arrays keyed by input name, checked alike."""
-    if not isinstance(data, dict):
-        return load_feeds(data, model)
-    feeds = {}
-    for name, vi in graph_inputs(model).items():
-        if name not in data:
-            raise OnnxoptError(f"no array for input '{name}' (given: {', '.join(data) or 'none'})")
-        feeds[name] = np.asarray(data[name])
-        check_feed(name, feeds[name], vi)
-    return feeds  # only the graph's inputs: labels and other arrays may ride along in the dict
-
-
-def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Arrays keyed by graph input name from an .npz; a file with one array feeds a one-input model."""
-    path = Path(path)
-    if not path.is_file():
-        raise OnnxoptError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise OnnxoptError(f"{path}: not a readable .npz file ({exc})") from None
-    inputs = graph_inputs(model)
-    feeds = {name: arrays[name] for name in inputs if name in arrays}
-    if not feeds and len(inputs) == 1 and len(arrays) >= 1:
-        unnamed = [k for k in arrays if k not in ("label", "labels")]
-        if len(unnamed) == 1:
-            feeds = {next(iter(inputs)): arrays[unnamed[0]]}
-    missing = [n for n in inputs if n not in feeds]
-    if missing:
-        raise OnnxoptError(f"{path}: no array for input(s) {', '.join(missing)} (has: {', '.join(arrays) or 'none'})")
-    for name, vi in inputs.items():
-        check_feed(name, feeds[name], vi, source=str(path))
-    return feeds
-
-
-def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float inputs, and ones for integer inputs (token ids and masks: 1 is a valid id for any embedding
-    table of two rows or more, and a mask of ones attends everywhere); a symbolic first dim becomes `samples`,
-    other symbolic dims need --input-shape or --data."""
-    from ..model import INPUT_SHAPES
-
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    given = INPUT_SHAPES.get() or {}
-    for name, vi in graph_inputs(model).items():
-        tt = vi.type.tensor_type
-        dims = []
-        if name in given:
-            dims = list(given[name])
-            tt = onnx.helper.make_tensor_type_proto(tt.elem_type, []).tensor_type  # no dims left to fill
-        for i, d in enumerate(tt.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(d.dim_value)
-            elif i == 0:
-                dims.append(samples)
-            else:
-                raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data "
-                                   f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.integer):
-            feeds[name] = np.ones(dims, dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are numbers only, pass --data")
-    return feeds
-
-
 def run(model, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> dict[str, np.ndarray]:
     sess = session(model, optimize=optimize)
     names = [o.name for o in sess.get_outputs()]
@@ -232,29 +162,3 @@ def run(model, feeds: dict[str, np.ndarray], *, optimize: bool = True) -> dict[s
         raise
     except Exception as exc:
         raise OnnxoptError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
-
-
-def compare_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict:
-    """Both models in onnxruntime, graph optimizations off: max abs / rel difference per output."""
-    return difference_report(run(reference, feeds, optimize=False), run(candidate, feeds, optimize=False), feeds)
-
-
-def difference_report(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], feeds) -> dict:
-    """{"samples", "outputs": per output max abs/rel difference, "max_rel"} of two models' outputs on `feeds`."""
-    samples = len(next(iter(feeds.values()))) if feeds else 0
-    outputs = output_differences(reference, candidate)
-    return {"samples": samples, "outputs": outputs,
-            "max_rel": max((v["max_rel"] for v in outputs.values()), default=0.0)}
-
-
-def output_differences(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
-    """Max abs difference and max abs difference / max |reference| per output both sides have."""
-    diffs = {}
-    for name, ref in reference.items():
-        got = candidate.get(name)
-        if got is None or got.shape != ref.shape:
-            continue
-        diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        diffs[name] = {"max_abs": diff, "max_rel": diff / scale if scale else diff}
-    return diffs

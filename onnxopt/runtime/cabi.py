@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from numba import carray, njit, types
 
-from .. import ops
-from ..convgeom import MAX_PAD, MAX_STEP
+from ..graph import schemas as ops
+from ..graph.schemas import MAX_LEVELS
 from ..kernels import bitconv, chain
-from ..ops import MAX_LEVELS
+from ..kernels.geometry import MAX_PAD, MAX_STEP
 
 SOURCE = Path(__file__).with_name("ortshim.c")
 SLOTS = 8  # per input in the dims buffer: rank, then up to 7 dims (ortshim.c)
@@ -74,7 +74,7 @@ W, ALPHA, BIAS, GEOMETRY, POOL = SLOTS, 2 * SLOTS, 3 * SLOTS, 4 * SLOTS, 5 * SLO
 
 @njit(cache=True, nogil=True)
 def _geometry_problem(g) -> int:
-    """convgeom.geometry_problem's checks, as integers (1: a problem)."""
+    """kernels.geometry.geometry_problem's checks, as integers (1: a problem)."""
     if g[0] != 1 and g[0] != 2:
         return 1
     for i in (1, 2, 7, 8):

@@ -1,9 +1,11 @@
 """The C entry points of com.onnxopt::BitConv (runtime/cabi.py says how the C path works), imported when a model
 first needs them."""
+from __future__ import annotations
+
 import numpy as np
 from numba import carray, cfunc
 
-from .. import ops
+from ..graph import schemas as ops
 from ..kernels.bitconv import bit_conv_into
 from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
 

@@ -1,9 +1,11 @@
 """The C entry points of the packed-bit chain ops (PackSigns, PackedBitConv, PackedBitConvSigns; runtime/cabi.py says
 how the C path works, kernels/chain.py what they compute), imported when a session first chains layers."""
+from __future__ import annotations
+
 import numpy as np
 from numba import carray, cfunc, njit
 
-from .. import ops
+from ..graph import schemas as ops
 from ..kernels.chain import pack_signs_into, packed_conv_into
 from .cabi import COMPUTE, MAX_INPUTS, OUT, SHAPE, chained_shape, chained_tensors, pack_signs_shape
 

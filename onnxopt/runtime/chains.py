@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .. import ops
-from ..convgeom import MAX_PAD, MAX_STEP
+from ..graph import schemas as ops
+from ..graph.constants import Constants
+from ..graph.nodes import copy_model, node_attributes
 from ..kernels.chain import NO_POOL
-from ..model import Constants, copy_model, node_attributes
+from ..kernels.geometry import MAX_PAD, MAX_STEP
 
 
 @dataclass

@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import ops
-from ..convgeom import Geometry
 from ..errors import OnnxoptError
-from ..model import Constants, copy_model, infer_shapes, static_shape
+from ..graph import schemas as ops
+from ..graph.constants import Constants
+from ..graph.nodes import copy_model
+from ..graph.shapes import infer_shapes, static_shape
+from ..kernels.geometry import Geometry
 
 
 def graph_inputs(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from .. import ops
+from ..graph import schemas as ops
 
 _lock = threading.Lock()
 _ours: dict[int, object] = {}  # onnxruntime-extensions op id → our op body

@@ -1,0 +1,81 @@
+"""Constant weights: initializers, `Constant` nodes and foldable chains over them, computed on request."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import OnnxoptError
+from .nodes import node_attributes
+
+# Constant chains (ConstantOfShape, Cast, ...) are folded only when a rewrite asks for a weight, and only
+# up to this size: a 16 KB file can otherwise ask for gigabytes
+MAX_FOLDED_BYTES = 1 << 30
+
+
+class Constants:
+    """The tensors of a graph whose value is known without running it, computed on request.
+
+    Sources: initializers (also those listed among the graph inputs, as onnxruntime's own optimizers
+    treat them), `Constant` nodes, and `ConstantOfShape` / `Identity` / `Cast` / `Reshape` / `Transpose`
+    chains over those (exporters emit all of them). Nothing is folded until asked for, so constants that
+    feed no weight cost nothing; a fold that would exceed MAX_FOLDED_BYTES is refused.
+    """
+
+    FOLDABLE = ("Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose")
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: str = ""):
+        self._base_dir = base_dir  # where external data lives, for a graph loaded without it
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._producers = {o: n for n in graph.node for o in n.output if n.op_type in self.FOLDABLE
+                           and n.domain in ("", "ai.onnx")}
+        self._values: dict[str, np.ndarray | None] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self._values:
+            self._values[name] = self._compute(name, depth=0)
+        return self._values[name]
+
+    def _compute(self, name: str, depth: int) -> np.ndarray | None:
+        if name in self._initializers:
+            return numpy_helper.to_array(self._initializers[name], self._base_dir)
+        node = self._producers.get(name)
+        if node is None or depth > 64 or node.output[0] != name:
+            return None
+        inputs = []
+        for i in node.input:
+            value = self._values[i] if i in self._values else self._compute(i, depth + 1)
+            self._values[i] = value
+            if value is None:
+                return None
+            inputs.append(value)
+        try:
+            return _fold(node, inputs, name)
+        except OnnxoptError:
+            raise
+        except Exception:  # a malformed constant is simply not a known constant
+            return None
+
+
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], name: str) -> np.ndarray | None:
+    attrs = node_attributes(node)
+    if node.op_type == "Constant":
+        if len(attrs) != 1:
+            return None
+        key, value = next(iter(attrs.items()))
+        return numpy_helper.to_array(value) if key == "value" else np.array(value)
+    if node.op_type == "ConstantOfShape":
+        fill = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
+        shape = tuple(int(d) for d in inputs[0])
+        size = int(np.prod(shape, dtype=np.float64)) * fill.dtype.itemsize
+        if size > MAX_FOLDED_BYTES:
+            raise OnnxoptError(f"constant '{name}' (ConstantOfShape {list(shape)}) would take {size:,} bytes; "
+                               f"onnxopt folds constants up to {MAX_FOLDED_BYTES:,} bytes")
+        return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
+    if node.op_type == "Identity":
+        return inputs[0]
+    if node.op_type == "Cast":
+        return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if node.op_type == "Reshape":
+        return inputs[0].reshape(tuple(int(d) for d in inputs[1]))
+    return np.transpose(inputs[0], attrs.get("perm"))

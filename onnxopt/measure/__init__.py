@@ -1,0 +1,3 @@
+"""Measuring models: inputs (feeds), scores and labels (scores), output differences and latency (compare),
+`inspect` (inspect).
+"""

@@ -1,0 +1,80 @@
+"""Inputs for a model: from an .npz or a dict, checked against the graph inputs, or random ones."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import OnnxoptError
+from ..runtime.guard import check_feed, graph_inputs
+
+
+def feeds_from(data, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Feeds from an .npz path (`load_feeds`) or a dict of arrays keyed by input name, checked alike."""
+    if not isinstance(data, dict):
+        return load_feeds(data, model)
+    feeds = {}
+    for name, vi in graph_inputs(model).items():
+        if name not in data:
+            raise OnnxoptError(f"no array for input '{name}' (given: {', '.join(data) or 'none'})")
+        feeds[name] = np.asarray(data[name])
+        check_feed(name, feeds[name], vi)
+    return feeds  # only the graph's inputs: labels and other arrays may ride along in the dict
+
+
+def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Arrays keyed by graph input name from an .npz; a file with one array feeds a one-input model."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxoptError(f"{path}: no such data file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise OnnxoptError(f"{path}: not a readable .npz file ({exc})") from None
+    inputs = graph_inputs(model)
+    feeds = {name: arrays[name] for name in inputs if name in arrays}
+    if not feeds and len(inputs) == 1 and len(arrays) >= 1:
+        unnamed = [k for k in arrays if k not in ("label", "labels")]
+        if len(unnamed) == 1:
+            feeds = {next(iter(inputs)): arrays[unnamed[0]]}
+    missing = [n for n in inputs if n not in feeds]
+    if missing:
+        raise OnnxoptError(f"{path}: no array for input(s) {', '.join(missing)} (has: {', '.join(arrays) or 'none'})")
+    for name, vi in inputs.items():
+        check_feed(name, feeds[name], vi, source=str(path))
+    return feeds
+
+
+def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
+                 shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Random float inputs, and ones for integer inputs (token ids and masks: 1 is a valid id for any embedding
+    table of two rows or more, and a mask of ones attends everywhere); a symbolic first dim becomes `samples`,
+    other symbolic dims need --input-shape or --data."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    given = shapes or {}
+    for name, vi in graph_inputs(model).items():
+        tt = vi.type.tensor_type
+        dims = []
+        if name in given:
+            dims = list(given[name])
+            tt = onnx.helper.make_tensor_type_proto(tt.elem_type, []).tensor_type  # no dims left to fill
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif i == 0:
+                dims.append(samples)
+            else:
+                raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data "
+                                   f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[name] = np.ones(dims, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are numbers only, pass --data")
+    return feeds

@@ -1,0 +1,198 @@
+"""quantize: int8 through onnxruntime.quantization, not re-implemented.
+
+onnxruntime's quantizer does the rewriting: static QDQ (uint8 activations, int8 weights: the pair its x86 kernels
+are fastest with) when calibration inputs are given, dynamic (weights int8, activations quantized at run time;
+MatMul and Conv only) without. What this module adds:
+- the choice of nodes: the selection (--only/--skip), and never a com.onnxopt op (BitConv is already 1-bit);
+- the calibration data reader over an .npz;
+- with --max-drop: the layers are measured one at a time (that layer alone int8), and the most costly are kept
+  float, one by one, until the whole model passes the gate; the report says which and what each cost.
+The rules below are the registry `inspect` reads: which layers int8 can take.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ...graph.context import GraphContext
+from ...graph.io import load_model
+from ...graph.nodes import copy_model, op_key, unique_node_names
+from ...graph.schemas import DOMAIN
+from ...graph.selection import layer_paths
+from ...report import LayerReport, Report
+from ..rules import Rule, constant_weight, layer_verdicts
+
+OP_TYPES = ("Conv", "Gemm", "MatMul")  # the layers with weights; onnxruntime quantizes the ops between them too
+DYNAMIC_OP_TYPES = ("Conv", "MatMul")  # what dynamic quantization has integer kernels for
+BATCH = 32
+
+
+class WeightedRule(Rule):
+    def __init__(self, dynamic: bool = False):
+        self.dynamic = dynamic
+
+    def check(self, node, ctx):
+        if self.dynamic and node.op_type not in DYNAMIC_OP_TYPES:
+            return f"dynamic quantization has no integer {node.op_type}: give --calibration for static int8"
+        return constant_weight(node, ctx, float32=True, finite=False)[1]
+
+
+def rules(dynamic: bool = False) -> dict:
+    rule = WeightedRule(dynamic)
+    return {("", op): rule for op in OP_TYPES}
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol (get_next → a feed dict, None at the end) over arrays."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        n = len(next(iter(feeds.values())))
+        self._batches = iter([{k: v[i:i + BATCH] for k, v in feeds.items()} for i in range(0, n, BATCH)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have unique names (onnxruntime's quantizer selects by name), and whose com.onnxopt
+    outputs are declared float tensors: onnx's type inference does not know those ops, and the quantizer
+    calibrates only tensors whose type it knows (without this, the layers after a BitConv get no scale)."""
+    named = copy_model(model)
+    for node, name in zip(named.graph.node, unique_node_names(named.graph)):
+        node.name = name
+    declared = {v.name for v in named.graph.value_info}
+    named.graph.value_info.extend(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                                  for n in named.graph.node if n.domain == DOMAIN for out in n.output
+                                  if out not in declared)
+    return named
+
+
+def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=None, per_channel: bool = False,
+                  session_options=None) -> onnx.ModelProto:
+    """onnxruntime's quantizer on `model` (nodes uniquely named), quantizing exactly the layers in `include`
+    (their inputs and weights); every other node, com.onnxopt ops included, stays float. `session_options`:
+    a SessionOptions factory with the com.onnxopt ops registered, for calibrating a model that has them."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if not include:  # the quantizer reads an empty list as "every node"
+        return copy_model(model)
+    model = copy_model(model)  # the quantizer moves a ModelProto's tensors to external data in place
+    custom = any(op_key(n)[0] == DOMAIN for n in model.graph.node)
+    with (_quiet_quantizer(), _calibration_sees_custom_ops(session_options if custom else None),
+          tempfile.TemporaryDirectory(prefix="onnxopt-int8-") as tmp):
+        out = Path(tmp) / "int8.onnx"
+        if calibration is not None:
+            quantize_static(model, out, _Batches(calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=include)
+        else:
+            quantize_dynamic(model, out, per_channel=per_channel, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(DYNAMIC_OP_TYPES), nodes_to_quantize=include)
+        return load_model(out)
+
+
+@contextlib.contextmanager
+def _calibration_sees_custom_ops(session_options):
+    """The quantizer's calibration runs the model in its own InferenceSession, built from
+    `onnxruntime.SessionOptions()` inside its calibrate module; onnxruntime has no process-wide custom-op
+    registration, so for a model with com.onnxopt ops that module is shown, for the duration of the call, an
+    onnxruntime whose SessionOptions have them registered (everything else is the real module)."""
+    if session_options is None:
+        yield
+        return
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    class WithCustomOps:
+        SessionOptions = staticmethod(session_options)
+
+        def __getattr__(self, name):
+            return getattr(onnxruntime, name)
+
+    calibrate.onnxruntime = WithCustomOps()
+    try:
+        yield
+    finally:
+        calibrate.onnxruntime = onnxruntime
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizer logs advice (pre-processing, opset) on the root logger: not the user's business
+    when onnxopt drives it; the report says what was quantized."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def keep_float_until(quantize, include: list[str], drop_of, max_drop: float, progress=None):
+    """The whole selection int8; while the model loses more than `max_drop`, keep float the layer whose int8
+    alone loses most (each layer measured once, alone). Returns (model, {layer kept float: its drop alone})."""
+    model = quantize(include)
+    if drop_of(model) <= max_drop or drop_of(quantize([])) > max_drop:  # passes, or no float layer could help
+        return model, {}
+    layers = progress(include, "int8: cost of each layer alone") if progress else include
+    alone = {name: drop_of(quantize([name])) for name in layers}
+    kept: dict[str, float] = {}
+    for name in sorted(include, key=lambda n: -alone[n]):
+        kept[name] = alone[name]
+        model = quantize([n for n in include if n not in kept])
+        if drop_of(model) <= max_drop:
+            break
+    return model, kept
+
+
+def mark_results(report: Report, quantized: set[str], kept: dict[str, float]) -> None:
+    """Rows of layers that were chosen but are float in the result say why."""
+    for row in report.layers:
+        if row.action != "quantized" or row.name in quantized:
+            continue
+        row.action, row.bytes_before, row.bytes_after = "skipped", 0, 0
+        row.reason = (f"kept float for --max-drop: int8 alone loses {kept[row.name]:.4f}" if row.name in kept
+                      else "onnxruntime's quantizer left it float")
+
+
+def quantized_layers(model: onnx.ModelProto) -> set[str]:
+    """Names of the layers whose weight is int8 in `model` (QDQ: read through DequantizeLinear; dynamic:
+    MatMulInteger / ConvInteger, which keep no name of their own, are matched by their inputs' names)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names = set()
+    for node in model.graph.node:
+        if node.op_type in OP_TYPES and len(node.input) > 1:
+            source = producers.get(node.input[1])
+            if source is not None and source.op_type == "DequantizeLinear":
+                names.add(node.name)
+        elif node.op_type in ("MatMulInteger", "ConvInteger"):
+            names.add(node.name.rsplit("_quant", 1)[0])
+    return names
+
+
+def candidate_layers(model: onnx.ModelProto, dynamic: bool) -> list[tuple[str, tuple[str, ...]]]:
+    registry = rules(dynamic)
+    return [(n.name, layer_paths(n)) for n in model.graph.node if op_key(n) in registry]
+
+
+def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
+    """The layers int8 may take (selected and accepted by the rules), and a report with a row per layer."""
+    ctx = GraphContext(model)
+    report = Report(command="quantize")
+    chosen, registry = [], rules(dynamic)
+    for node, _, _, reason in layer_verdicts(ctx, registry, selection):
+        w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        row = LayerReport(name=node.name, op_type=node.op_type, reason=reason or "",
+                          shape="x".join(map(str, w.shape)) if w is not None else "",
+                          params_before=int(w.size) if w is not None else 0,
+                          params_after=int(w.size) if w is not None else 0)  # int8 weights are parameters too
+        if not reason:
+            chosen.append(node.name)
+            row.action, row.bytes_before, row.bytes_after = "quantized", int(w.nbytes), int(w.size)
+        report.layers.append(row)
+    return chosen, report
