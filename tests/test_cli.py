@@ -16,6 +16,7 @@ def work(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_factor_writes_default_output_and_keeps_input(work):
     before = sha256(work / "mlp.onnx")
     r = cli("factor", work / "mlp.onnx", "--rank", "0.6", "--json")
@@ -35,6 +36,7 @@ def test_factor_writes_default_output_and_keeps_input(work):
     assert cli("factor", work / "mlp.onnx", "--rank", "0.6", "--force", "-q").returncode == 0
 
 
+@pytest.mark.slow
 def test_factor_check_and_gate(work):
     ok = cli("factor", work / "mlp.onnx", "--rank", "1.0", "--allow-growth", "--data", work / "mlp_test.npz",
              "--max-error", "1e-4", "-o", work / "full.onnx")
@@ -96,6 +98,7 @@ def test_nothing_changed_warns_and_strict_refuses(work):
     assert r.returncode == 1 and not (work / "s.onnx").exists()
 
 
+@pytest.mark.slow
 def test_binarize_lower_run(work):
     r = cli("binarize", work / "cnn.onnx", "--skip", "first_conv", "--stage", "transform", "-o", work / "t.onnx")
     assert r.returncode == 0, r.stderr
@@ -146,6 +149,7 @@ def test_inspect_lowered_int8_and_symbolic_sizes(work):
     assert sized["layers"][0]["flops"] == 2 * 72 * 8 * 8 and not sized["notes"]
 
 
+@pytest.mark.slow
 def test_external_data_in_and_out(work):
     r = cli("factor", work / "mlp.onnx", "--rank", "0.5", "--external-data", "-o", work / "ext.onnx")
     assert r.returncode == 0, r.stderr
@@ -157,6 +161,7 @@ def test_external_data_in_and_out(work):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_first_kernel_compile_is_announced_once(tmp_path):
     """A cold numba cache: one line on stderr before the ~7 s compile; a warm one: silence."""
     import os

@@ -200,6 +200,7 @@ def test_run_command_refuses_small_input(lowered_two_layer, tmp_path):
     assert "smaller than the 3x3 kernel" in err
 
 
+@pytest.mark.slow
 def test_plain_onnxruntime_session_survives_a_bad_feed(lowered_two_layer, tmp_path):
     """A user's own InferenceSession (no feed guard): the op answers with an empty output, never an abort."""
     path = tmp_path / "l.onnx"
@@ -247,6 +248,7 @@ def _peak_rss_mb(args) -> tuple[int, float, str]:
     return int(words[words.index("CODE") + 1]), float(words[words.index("RSS") + 1]), r.stderr
 
 
+@pytest.mark.slow
 def test_unused_constant_of_shape_is_never_materialized(tmp_path):
     path = tmp_path / "bomb.onnx"
     onnx.save(bomb_model(8, feeds_weight=False), str(path))
@@ -275,6 +277,7 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+@pytest.mark.slow
 def test_sigterm_during_train_cmd_kills_the_trainer_group_and_cleans_up(tmp_path):
     pidfile, scratch = tmp_path / "pids", tmp_path / "tmp"
     scratch.mkdir()
@@ -296,6 +299,7 @@ def test_sigterm_during_train_cmd_kills_the_trainer_group_and_cleans_up(tmp_path
     assert not list(scratch.iterdir()) and not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_train_timeout_for_commands_and_hooks(tmp_path):
     cmd = f"{sys.executable} {TRAINER} spawn {{input}} {{output}}"
     env_pid = tmp_path / "pids"

@@ -143,6 +143,7 @@ def big_dense_model(path: Path, layers: int = 6, size: int = 1500):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
+@pytest.mark.slow
 def test_sigint_during_factorization(tmp_path):
     src, out = tmp_path / "big.onnx", tmp_path / "out.onnx"
     big_dense_model(src)
@@ -301,6 +302,7 @@ def fuzz_runs():
 
 
 # CI runs the same 400 cases every time (derandomized); FUZZ_EXAMPLES=N explores N new random ones
+@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None, database=None,
           derandomize="FUZZ_EXAMPLES" not in os.environ,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -343,6 +345,7 @@ def test_fuzzed_models_give_valid_output_or_clean_refusal(model, tmp_path_factor
 
 
 @pytest.mark.slow
+@pytest.mark.huge
 def test_model_over_2gb_with_external_data(tmp_path):
     """A 2.2 GB model (two 16384² weights plus one more) in external data, in and out: factor writes
     external data by itself (protobuf cannot hold 2 GiB), inspect and run read it."""

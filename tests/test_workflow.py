@@ -23,6 +23,7 @@ def packed(model, name="/conv3/Conv/bit_weights"):
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
+@pytest.mark.slow
 def test_hook_changes_reach_the_lowered_model(tmp_path, run_in_tests):
     cnn = ROOT / "models" / "cnn.onnx"
     plain = cli("binarize", cnn, "--skip", "first_conv", "-o", tmp_path / "plain.onnx", cwd=run_in_tests)
@@ -103,6 +104,7 @@ def test_data_aware_factors_lose_less_accuracy(capsys):
     assert acc[2] > acc[1]
 
 
+@pytest.mark.slow
 def test_binary_refit_recovers_accuracy(capsys):
     model = onnxopt.load_model(ROOT / "models" / "cnn.onnx")
     x, y = load_split("cnn", "test")
@@ -119,6 +121,7 @@ def test_binary_refit_recovers_accuracy(capsys):
     assert acc[2] > acc[1] and acc[3] == acc[2]
 
 
+@pytest.mark.slow
 def test_compare_gates(tmp_path):
     cnn, data = ROOT / "models" / "cnn.onnx", ROOT / "models" / "cnn_test.npz"
     assert cli("binarize", cnn, "--skip", "first_conv", "-o", tmp_path / "b.onnx").returncode == 0
@@ -133,6 +136,7 @@ def test_compare_gates(tmp_path):
     assert result["A"]["accuracy"] > result["B"]["accuracy"] and result["samples"] == 1000
 
 
+@pytest.mark.slow
 def test_emulated_form_runs_in_plain_onnxruntime_and_lowers_back(tmp_path):
     import onnxruntime as ort
 

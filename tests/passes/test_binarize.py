@@ -32,6 +32,7 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attrs", GEOMETRIES)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_binary_conv_equals_ort_conv_on_binarized_tensors(rng, attrs, with_bias):
@@ -54,6 +55,7 @@ def test_binary_conv_equals_ort_conv_on_binarized_tensors(rng, attrs, with_bias)
     assert np.array_equal(bits, got)
 
 
+@pytest.mark.slow
 @settings(max_examples=320, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=st.integers(1, 200), o=st.integers(1, 150), k=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
        pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), dh=st.integers(1, 2), dw=st.integers(1, 2),
@@ -84,19 +86,21 @@ def _host_has_avx2() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _host_has_avx2(), reason="needs an x86-64 CPU with AVX2")
 def test_bitconv_kernel_exact_in_avx2_only_code():
     """The same property test on the code numba emits without AVX-512 (popcount by byte shuffles)."""
     if os.environ.get("NUMBA_CPU_NAME"):
         pytest.skip("already running with a fixed CPU target")
     env = {**os.environ, **AVX2_ONLY_ENV}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
                              f"{__file__}::test_bitconv_kernel_matches_reference_exactly"],
                             env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _host_has_avx2(), reason="needs an x86-64 CPU with AVX2")
 def test_kernels_exact_with_the_other_register_tile(tmp_path):
     """The host's tile is tested above; this runs the kernels' property tests (1-bit, multi-bit, packed-bit chains)
@@ -106,11 +110,11 @@ def test_kernels_exact_with_the_other_register_tile(tmp_path):
     other = "narrow" if bitconv.WIDE else "wide"
     env = {**os.environ, "ONNXOPT_KERNEL_TILE": other, "NUMBA_CACHE_DIR": str(tmp_path)}
     tests = [f"{__file__}::test_bitconv_kernel_matches_reference_exactly",
-             "test_multibit.py::test_lowered_kernel_equals_the_definition",
-             "test_chain.py::test_chained_kernels_equal_the_float_layers"]
+             f"{Path(__file__).parent / 'test_multibit.py'}::test_lowered_kernel_equals_the_definition",
+             f"{Path(__file__).parents[1] / 'runtime' / 'test_chain.py'}::test_chained_kernels_equal_the_float_layers"]
     code = f"from onnxopt.kernels import bitconv; assert bitconv.WIDE == {other == 'wide'}"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", *tests],
                             env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 passed" in result.stdout
@@ -146,6 +150,7 @@ def test_declined_convs_say_why(rng, make, reason):
     assert [n.op_type for n in out.graph.node] == ["Conv"]
 
 
+@pytest.mark.slow
 def test_sample_cnn_skip_first_conv_and_accuracy(cnn_path, capsys):
     model = onnxopt.load_model(cnn_path)
     x, y = load_split("cnn", "test")

@@ -52,6 +52,7 @@ def test_one_by_one_is_todays_op_and_file():
     assert {n.op_type for n in default.graph.node} >= {"BinaryConv"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw, ka, floor", [(1, 2, 0.90), (2, 2, 0.91), (1, 4, 0.94)])
 def test_accuracy_and_lowered_equals_transformed(kw, ka, floor):
     """Held-out digits, no recovery (float 0.971; 1x1: 0.560): 1x2 0.928, 2x2 0.935, 1x4 0.951."""
@@ -74,6 +75,7 @@ def test_bits_for_overrides_per_layer():
                                                           "/conv3/Conv": "binarized 2x2 bits"}
 
 
+@pytest.mark.slow
 def test_calibration_refit_runs_on_multibit_layers():
     _, report = api.binarize(MODELS / "cnn.onnx", skip=["first_conv"], activation_bits=4,
                              calibration=MODELS / "cnn_calib.npz", data=MODELS / "cnn_test.npz")

@@ -19,6 +19,7 @@ from onnxopt.passes.prune.ranking import feature_atoms
 DATA = ROOT / "tests" / "data"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep, calibration, floor", [(0.5, None, 0.96), (0.5, True, 0.96), (0.25, None, 0.80),
                                                       (0.25, True, 0.95)])
 def test_cnn_accuracy(keep, calibration, floor):
@@ -29,6 +30,7 @@ def test_cnn_accuracy(keep, calibration, floor):
     assert report.check["score"]["candidate"] >= floor
 
 
+@pytest.mark.slow
 def test_refit_beats_magnitude_at_a_quarter():
     scores = [api.prune(MODELS / "cnn.onnx", keep=0.25, data=MODELS / "cnn_test.npz", **extra)[1]
               .check["score"]["candidate"] for extra in ({}, {"calibration": MODELS / "cnn_calib.npz"})]
@@ -203,6 +205,7 @@ def test_command_line_keep_for_and_json(tmp_path):
     assert sha256(MODELS / "cnn.onnx") == digest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget, calibration", [("flops=0.25", False), ("flops=0.07", True), ("params=0.25", False)])
 def test_budget_is_met_and_keeps_accuracy(budget, calibration):
     """Channel counts chosen under one global budget: the prunable layers' cost is within it, and the held-out

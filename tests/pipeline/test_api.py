@@ -95,6 +95,7 @@ def test_binarize_pipeline_report_is_one_object():
     assert [n.op_type for n in lowered.graph.node].count("BitConv") == 2
 
 
+@pytest.mark.slow
 def test_run_check_compare(tmp_path):
     trainable, _ = onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], stage="transform")
     native, _ = onnxopt.lower(trainable)

@@ -66,6 +66,7 @@ def test_int8_never_touches_the_custom_ops(tmp_path):
     assert accuracy(model, x[:200], y[:200]) > 0.5
 
 
+@pytest.mark.slow
 def test_max_drop_keeps_the_costliest_layers_float(tmp_path):
     data = tmp_path / "inputs.npz"  # no labels: top-1 agreement with the float model
     np.savez(data, input=load_split("cnn", "test")[0])
@@ -108,6 +109,7 @@ def test_speedup_gate_passes_when_met():
 
 # ---- recipes ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,model", [("mlp_budget_int8", "mlp"), ("cnn_int8", "cnn"), ("cnn_binary", "cnn")])
 def test_example_recipes_run_and_pass_their_gates(tmp_path, recipe, model):
     out = tmp_path / "out.onnx"

@@ -27,6 +27,7 @@ def test_pareto_marks_the_undominated():
     assert [r["front"] for r in rows] == [True, True, False, True]
 
 
+@pytest.mark.slow
 def test_sweep_command_line(tmp_path):
     """Four candidates (factor rank x int8 scale kind) on the MLP, scored on the held-out digits; the front's models
     written; the same rows from one process and from a pool of two."""
@@ -87,6 +88,7 @@ def _screenshot(page, tmp_path, height=2400):
     return imread(shot)[..., :3], console
 
 
+@pytest.mark.slow
 def test_html_report(tmp_path):
     """The page: four charts (score vs size and vs latency, per-layer params and FLOPs), the table, the per-layer
     table, nothing fetched; rendered by Chromium with no console message, neither blank nor without the front's
@@ -107,6 +109,7 @@ def test_html_report(tmp_path):
     assert red.sum() > 50  # the front's stars and line (#d33)
 
 
+@pytest.mark.slow
 def test_sensitivity_report(tmp_path):
     pytest.importorskip("matplotlib")
     page = tmp_path / "sens.html"
@@ -119,6 +122,7 @@ def test_sensitivity_report(tmp_path):
     assert console == [] and (pixels < 0.9).any(axis=2).mean() > 0.015  # a blank page: 0
 
 
+@pytest.mark.slow
 def test_sensitivity_one_layer_at_a_time():
     """Each cell changes one layer only: the MLP's output layer (10 classes) at rank 0.05 hurts far more than its
     first layer at the same rank, and a larger rank never scores much lower on the same layer."""
@@ -172,6 +176,7 @@ def _rows(stdout: str) -> list:
                   for r in json.loads(stdout)["rows"])
 
 
+@pytest.mark.slow
 def test_ray_runs_the_same_rows_as_the_pool(ray_head):
     """The four MLP candidates as Ray tasks on a running cluster: the same scores, sizes, FLOPs and per-layer
     figures as the local pool (latency is measured here either way)."""
@@ -185,6 +190,7 @@ def test_ray_runs_the_same_rows_as_the_pool(ray_head):
     assert _rows(on_ray.stdout) == _rows(pooled.stdout) and len(_rows(pooled.stdout)) == 4
 
 
+@pytest.mark.slow
 def test_bad_ray_address():
     pytest.importorskip("ray")
     for extra, text in ((["--ray", "127.0.0.1:9"], "no Ray cluster answers"),

@@ -88,6 +88,7 @@ def test_only_weights_train():
     assert set(conv.input[1:4]) <= trained and conv.input[4] not in trained
 
 
+@pytest.mark.slow
 def test_binarized_cnn_recovers_without_labels(unlabeled, tmp_path):
     """Issue 12's target: all convs but the first binarized, 2,000 unlabeled images, >= 0.95 held out (float
     0.971; binarized without recovery 0.56, refit 0.63)."""
@@ -121,6 +122,7 @@ def test_labels_add_cross_entropy(tmp_path):
     assert report.finetune["labels"] and "cross-entropy" in report.finetune["loss"]
 
 
+@pytest.mark.slow
 def test_runs_are_deterministic_and_staged_equals_one_shot(tmp_path, unlabeled):
     """binarize --finetune in one command, and binarize --stage transform + finetune + lower, give the same bits."""
     options = dict(epochs=1, batch_size=128)
@@ -168,6 +170,7 @@ def test_bitconv_is_refused_with_a_hint(tmp_path, unlabeled):
         api.finetune(MODELS / "cnn.onnx", lowered, unlabeled["cnn"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, code, text", [
     (["--finetune", "{mlp}"], 1, "input 'input'"),  # MLP images (784) into the CNN (1x28x28)
     (["--finetune", "{cnn}", "--epochs", "0"], 2, "invalid --epochs 0"),
@@ -196,6 +199,7 @@ def test_without_torch_says_how_to_install(tmp_path, unlabeled):
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_finetune_command_line(tmp_path, unlabeled):
     transformed = tmp_path / "t.onnx"
     r = cli("binarize", MODELS / "cnn.onnx", "--skip", "first_conv", "--stage", "transform", "-o", transformed)
@@ -210,6 +214,7 @@ def test_finetune_command_line(tmp_path, unlabeled):
     assert "finetune" not in r.stdout  # refused before training, not after
 
 
+@pytest.mark.slow
 def test_prune_then_finetune_then_binarize(tmp_path, unlabeled):
     """A pruned model fine-tunes like any other, and stays an ordinary model for binarize."""
     out = tmp_path / "pruned.onnx"
@@ -221,6 +226,7 @@ def test_prune_then_finetune_then_binarize(tmp_path, unlabeled):
     assert [n.op_type for n in model.graph.node].count("BitConv") == 2
 
 
+@pytest.mark.slow
 def test_multibit_finetune(unlabeled):
     """2x2 bits, 3 epochs on 2,000 unlabeled images: 0.947 held out (no recovery 0.935)."""
     _, report = api.binarize(MODELS / "cnn.onnx", skip=["first_conv"], weight_bits=2, activation_bits=2,

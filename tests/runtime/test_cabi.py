@@ -30,6 +30,7 @@ def library():
     return found
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(c=st.integers(1, 140), o=st.integers(1, 70), k=st.integers(1, 3), stride=st.integers(1, 2),
@@ -69,6 +70,7 @@ def test_bad_input_is_an_error_not_a_crash(library):
     assert sess.run(None, {"X": np.ones((1, 8, 6, 6), np.float32)})[0].shape == (1, 4, 4, 4)
 
 
+@pytest.mark.slow
 def test_other_custom_ops_and_the_switch_use_pyop(library):
     transformed = onnxopt.convert_to_binary_convolution(conv_model(np.ones((4, 8, 3, 3), np.float32)))
     assert runtime.custom_op_library(transformed) == pyop.register()  # BinaryConv has no C path
