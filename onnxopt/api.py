@@ -60,6 +60,12 @@ def _command_function(command: registry.Command):
 globals().update({name: _command_function(c) for name, c in registry.COMMANDS.items()})
 
 
+def __getattr__(name: str):
+    if name in registry.COMMANDS:  # registered after this module was imported
+        return _command_function(registry.COMMANDS[name])
+    raise AttributeError(f"module 'onnxopt.api' has no attribute {name!r}")
+
+
 def finetune(original: Model, transformed: Model, data, *, labels: str | None = None, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, temperature: float | None = None,
              output=None, force: bool = False, external_data: bool = False,

@@ -1,6 +1,7 @@
 """Command line: each command parses options, calls the public API (api.py), prints, and maps errors to exit
 codes: 0 done, 1 a failure (bad model, failed gate, write error), 2 a usage error, 130 Ctrl-C, 143 SIGTERM.
-The rewriting commands' options are generated from the option dataclasses (pipeline/registry.py, pipeline/options.py)."""
+The rewriting commands' options are generated from the option dataclasses
+(pipeline/registry.py, pipeline/options.py)."""
 from __future__ import annotations
 
 import dataclasses

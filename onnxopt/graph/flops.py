@@ -68,6 +68,7 @@ def model_flops(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[int
     """(float FLOPs per sample of the Conv/Gemm/MatMul layers whose sizes are known, layers whose sizes are not);
     every report has it, so no pass's checks run here: only shape inference and the weights."""
     ctx = GraphContext(model, shapes)
-    weighted = [(n, stored_weight(n, ctx)[0]) for n in model.graph.node if op_key(n) in {("", op) for op in WEIGHTED_OPS}]
+    weighted_keys = {("", op) for op in WEIGHTED_OPS}
+    weighted = [(n, stored_weight(n, ctx)[0]) for n in model.graph.node if op_key(n) in weighted_keys]
     flops = [node_flops(n, w, ctx) for n, w in weighted if w is not None]  # X·Y of two activations: not a layer
     return sum(f or 0 for f in flops), sum(f is None for f in flops)

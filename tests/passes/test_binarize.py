@@ -114,7 +114,8 @@ def test_kernels_exact_with_the_other_register_tile(tmp_path):
              f"{Path(__file__).parents[1] / 'runtime' / 'test_chain.py'}::test_chained_kernels_equal_the_float_layers"]
     code = f"from onnxopt.kernels import bitconv; assert bitconv.WIDE == {other == 'wide'}"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", *tests],
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow"]
+    result = subprocess.run([*pytest_cmd, *tests],
                             env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 passed" in result.stdout

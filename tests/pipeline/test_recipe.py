@@ -103,8 +103,8 @@ def test_bad_gate_options_are_usage_errors(kwargs):
 
 
 def test_speedup_gate_passes_when_met():
-    _, report = onnxopt.factor(MODELS / "mlp.onnx", rank="0.1", min_speedup=0.2)
-    assert report.latency["speedup"] > 0.2 and report.latency["samples"] == 8
+    _, report = onnxopt.factor(MODELS / "mlp.onnx", rank="0.1", min_speedup=0.01)
+    assert report.latency["speedup"] > 0.01 and report.latency["samples"] == 8
 
 
 # ---- recipes ----------------------------------------------------------------------------------------------

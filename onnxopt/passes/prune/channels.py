@@ -146,7 +146,8 @@ class ChannelGraph:
             if a.get("transA", 0) or w.ndim != 2:
                 return False
             t = a.get("transB", 0)
-            layer = Layer(node, name, node.input[1], 0 if t else 1, 1 if t else 0, "dense", bias=optional_input(node, 2))
+            layer = Layer(node, name, node.input[1], 0 if t else 1, 1 if t else 0, "dense",
+                          bias=optional_input(node, 2))
         else:
             if w.ndim != 2:
                 return False
@@ -251,7 +252,8 @@ class ChannelGraph:
 
     def _flatten(self, node, tracked, reshape: bool = False) -> bool:
         shape = self.ctx.shape(node.input[0]) or []
-        if tracked != [0] or self._axis(node.input[0]) != 1 or (not reshape and node_attributes(node).get("axis", 1) != 1):
+        flatten_axis = 1 if reshape else node_attributes(node).get("axis", 1)
+        if tracked != [0] or self._axis(node.input[0]) != 1 or flatten_axis != 1:
             return False
         if len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
             return False
