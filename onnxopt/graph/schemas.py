@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxoptError
-from ..kernels.geometry import Geometry, geometry_problem
+from ..kernels.geometry import MAX_WORK_BYTES, Geometry, geometry_problem, work_bytes
 from ..kernels.packing import words as packed_words
 
 DOMAIN = "com.onnxopt"
@@ -117,6 +117,12 @@ def input_problem(op_type: str, x_shape, w: np.ndarray, geometry: np.ndarray) ->
     _, _, oh, ow = g.resolve(size[0], size[1], kh, kw)
     if oh < 1 or ow < 1:
         return f"input {'x'.join(map(str, size))} is smaller than the {kh}x{kw} kernel's span: no output"
+    if isinstance(x_shape[0], int):
+        levels = int(geometry[11]) if len(geometry) > 11 else 1
+        need = work_bytes((x_shape[0], g.channels, *size), (kh, kw), g, levels)
+        if need > MAX_WORK_BYTES:
+            return (f"the kernel's padded input would take {need / 2**30:.1f} GiB for input {list(x_shape)} "
+                    f"(limit {MAX_WORK_BYTES >> 30} GiB): pads or strides far beyond the input")
     return None
 
 

@@ -53,6 +53,7 @@ def _wide_tile() -> bool:
 WIDE = _wide_tile()
 TILE_CHANNELS = 8 if WIDE else 4
 TILE_PIXELS = simd.LANES
+padded_extent = njit(cache=True, nogil=True)(convgeom.padded_extent)
 GROUP_CHANNELS = 64  # output channels per parallel job (its input rows stay in L1); one word of emitted signs
 
 
@@ -60,10 +61,7 @@ GROUP_CHANNELS = 64  # output channels per parallel job (its input rows stay in 
 def padded_input_shape(n, h, w, cw, pt, pl, oh, ow, kh, kw, sh, sw, dh, dw):
     """Packed input buffer that covers every tap of every pixel lane, including the last tile's
     lanes past the row end (they read zeros and are never written out)."""
-    lanes_ow = -(-ow // TILE_PIXELS) * TILE_PIXELS
-    rows = max(pt + h, (oh - 1) * sh + (kh - 1) * dh + 1)
-    cols = max(pl + w, (lanes_ow - 1) * sw + (kw - 1) * dw + 1)
-    return n, rows, cw, cols
+    return (n, padded_extent(h, kh, sh, dh, pt, oh, 1), cw, padded_extent(w, kw, sw, dw, pl, ow, TILE_PIXELS))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -111,35 +109,35 @@ def tap_offsets(kh, kw, cw, dh, dw, cols):
 
 
 @njit(cache=True, nogil=True)
-def _padded_taps(start, k, d, size):
-    """Bit a set where tap a of a window starting at `start` falls outside [0, size)."""
-    mask = 0
+def _padded_taps(start, k, d, size, padded):
+    """padded[a] = 1 where tap a of a window starting at `start` falls outside [0, size). A byte per tap, not a
+    bit mask in one integer: a kernel may have any number of taps (an int64 mask wrapped past 64 taps)."""
     for a in range(k):
-        if not 0 <= start + a * d < size:
-            mask |= 1 << a
-    return mask
+        padded[a] = not 0 <= start + a * d < size
 
 
 @njit(cache=True, nogil=True)
 def _pattern_ids(k, d, stride, pad, size, out_size):
     """Per output position along one axis, the index of its padded-tap pattern among the distinct ones
-    (0 = no padded tap), and those patterns' bit masks. A 3×3 pad-1 conv has three: none, first, last."""
+    (0 = no padded tap), and those patterns (patterns[q, a] = 1: tap a padded). A 3×3 pad-1 conv has three:
+    none, first, last."""
     ids = np.empty(out_size, np.int64)
-    masks = np.zeros(out_size + 1, np.int64)  # masks[0] = 0: the interior
+    patterns = np.zeros((out_size + 1, k), np.uint8)  # patterns[0]: the interior, no tap padded
+    padded = np.empty(k, np.uint8)
     count = 1
     for p in range(out_size):
-        mask = _padded_taps(p * stride - pad, k, d, size)
+        _padded_taps(p * stride - pad, k, d, size, padded)
         found = -1
         for q in range(count):
-            if masks[q] == mask:
+            if np.array_equal(patterns[q], padded):
                 found = q
                 break
         if found < 0:
-            masks[count] = mask
+            patterns[count] = padded
             found = count
             count += 1
         ids[p] = found
-    return ids, masks[:count]
+    return ids, patterns[:count]
 
 
 @njit(cache=True, nogil=True)
@@ -158,7 +156,7 @@ def padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
         for cp in range(n_cols):
             for a in range(kh):
                 for b in range(kw):
-                    if (row_masks[rp] >> a) & 1 or (col_masks[cp] >> b) & 1:
+                    if row_masks[rp, a] or col_masks[cp, b]:
                         for k in range(o):
                             excess[rp * n_cols + cp, k] += taps_pop[a, b, k]
     base = np.empty((oh, ow), np.int32)
@@ -167,9 +165,9 @@ def padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     patterns = np.empty(oh * ow, np.int64)
     count = 0
     for r in range(oh):
-        rows_valid = kh - popcount(np.uint64(row_masks[row_ids[r]]))
+        rows_valid = kh - np.int64(np.sum(row_masks[row_ids[r]]))
         for col in range(ow):
-            cols_valid = kw - popcount(np.uint64(col_masks[col_ids[col]]))
+            cols_valid = kw - np.int64(np.sum(col_masks[col_ids[col]]))
             base[r, col] = rows_valid * cols_valid * channels
             if row_ids[r] or col_ids[col]:
                 cols[count] = col
@@ -344,6 +342,16 @@ def placement(h, w, kh, kw, geometry):
     pt, oh = resolve_axis(h, kh, geometry[1], geometry[7], geometry[3], geometry[5], geometry[9])
     pl, ow = resolve_axis(w, kw, geometry[2], geometry[8], geometry[4], geometry[6], geometry[9])
     return pt, pl, oh, ow
+
+
+@njit(cache=True, nogil=True)
+def work_bytes(n, h, w, channels, kh, kw, geometry, levels=1):
+    """Bytes of the padded packed input buffer(s) the kernel allocates for an (n, channels, h, w) input (the other
+    buffers are at most the output's size); checked against convgeom.MAX_WORK_BYTES before a call."""
+    pt, pl, oh, ow = placement(h, w, kh, kw, geometry)
+    _, rows, cw, cols = padded_input_shape(n, h, w, (channels + 63) // 64, pt, pl, max(oh, 1), max(ow, 1), kh, kw,
+                                           geometry[1], geometry[2], geometry[7], geometry[8])
+    return float(levels) * n * rows * cw * cols * 8  # float: the product of four int64 may overflow
 
 
 @njit(cache=True, nogil=True)

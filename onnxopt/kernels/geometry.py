@@ -82,6 +82,32 @@ def resolve_axis(size, k, s, d, begin, end, auto_pad):
     return begin, (size + begin + end - span) // s + 1
 
 
+def padded_extent(size, k, s, d, begin, out, lanes):
+    """Length along one axis of the kernel's padded input: every tap of `out` outputs rounded up to whole
+    `lanes` (a tile's pixels read past the row end). Plain integer code, compiled by numba in the kernel."""
+    out_lanes = -(-out // lanes) * lanes
+    return max(begin + size, (out_lanes - 1) * s + (k - 1) * d + 1)
+
+
+# The most a kernel may allocate for its padded packed input (per activation level). Geometry comes from files:
+# stride 4096 with pads 65536 on a 1x1 input asks for 34 GB, and an allocation failing inside a C-called kernel
+# cannot raise, so the size is checked before the call. 2 GiB holds a batch of 64 images of 1024x1024 x 256
+# channels.
+MAX_WORK_BYTES = 1 << 31
+TILE_PIXELS = 8  # kernels/simd.py's LANES: the kernel writes a row in tiles of this many pixels
+
+
+def work_bytes(shape: tuple[int, int, int, int], kernel: tuple[int, int], g: "Geometry", levels: int = 1) -> float:
+    """Bytes of the padded packed input(s) a kernel allocates for an (n, c, h, w) input; kernels/bitconv.py's
+    njit work_bytes computes the same for the C path."""
+    n, c, h, w = shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, g.strides, g.dilations
+    pt, pl, oh, ow = g.resolve(h, w, kh, kw)
+    rows = padded_extent(h, kh, sh, dh, pt, max(oh, 1), 1)
+    cols = padded_extent(w, kw, sw, dw, pl, max(ow, 1), TILE_PIXELS)
+    return float(levels) * n * rows * (-(-c // 64)) * cols * 8
+
+
 # Bounds for geometry read from a file: far beyond any real conv, small enough that no index overflows
 MAX_STEP = 1 << 12  # strides and dilations
 MAX_PAD = 1 << 16

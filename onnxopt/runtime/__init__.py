@@ -15,6 +15,7 @@ import onnx
 
 from ..errors import OnnxoptError
 from ..graph import schemas as ops
+from . import pyop
 from .guard import CustomOpShapes, check_feed, expected, graph_inputs
 
 
@@ -148,7 +149,11 @@ def _guarded_session_class():
                     raise OnnxoptError(f"unknown input '{name}'; the model's inputs are {', '.join(self._inputs)}")
                 check_feed(name, np.asarray(value), self._inputs[name])
             self._shapes.check(input_feed)
-            return super().run(output_names, input_feed, run_options)
+            failed_before = pyop.failures["count"]
+            outputs = super().run(output_names, input_feed, run_options)
+            if pyop.failures["count"] > failed_before:
+                raise OnnxoptError(f"the kernel failed: {pyop.failures['last']}")
+            return outputs
 
     return GuardedSession
 

@@ -32,7 +32,7 @@ from numba import carray, njit, types
 from ..graph import schemas as ops
 from ..graph.schemas import MAX_LEVELS
 from ..kernels import bitconv, chain
-from ..kernels.geometry import MAX_PAD, MAX_STEP
+from ..kernels.geometry import MAX_PAD, MAX_STEP, MAX_WORK_BYTES
 
 SOURCE = Path(__file__).with_name("ortshim.c")
 SLOTS = 8  # per input in the dims buffer: rank, then up to 7 dims (ortshim.c)
@@ -68,7 +68,11 @@ PROBLEMS = (
     "onnxopt: input is smaller than the kernel's span: no output",
     "onnxopt: pool must be 10 int64 values within range (kernel, strides, dilations, pads)",
     "onnxopt: packed input must be uint64 [N, H, words(channels), W] of a 2-D layer",
+    f"onnxopt: the kernel's padded input for this input and geometry would exceed {MAX_WORK_BYTES >> 30} GiB "
+    "(pads or strides far beyond the input)",
+    "onnxopt: the kernel failed (out of memory?)",
 )
+TOO_LARGE, KERNEL_FAILED = 11, 12
 W, ALPHA, BIAS, GEOMETRY, POOL = SLOTS, 2 * SLOTS, 3 * SLOTS, 4 * SLOTS, 5 * SLOTS  # each input's rank in dims
 
 
@@ -142,6 +146,8 @@ def shape(dims, data, multibit) -> int:
     out = bitconv.output_shape(n, h, x_w, dims[W + 1], dims[W + 2], o, g)
     if out[2] < 1 or out[3] < 1:
         return 8
+    if bitconv.work_bytes(n, h, x_w, c, dims[W + 1], dims[W + 2], g, g[11] if multibit else 1) > MAX_WORK_BYTES:
+        return TOO_LARGE
     return _set_output(dims, out[0], out[1], out[2], out[3], dims[0])
 
 
@@ -180,6 +186,8 @@ def chained_shape(dims, data, emit_signs) -> int:
     _, _, oh, ow = bitconv.output_shape(n, h, w, dims[W + 1], dims[W + 2], o, g)
     if oh < 1 or ow < 1:
         return 8
+    if bitconv.work_bytes(n, h, w, g[10], dims[W + 1], dims[W + 2], g) > MAX_WORK_BYTES:
+        return TOO_LARGE
     if emit_signs:
         return _set_output(dims, n, oh, (o + 63) // 64, ow, 4)
     return _set_output(dims, n, o, oh, ow, 4)

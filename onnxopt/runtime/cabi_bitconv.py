@@ -7,7 +7,7 @@ from numba import carray, cfunc
 
 from ..graph import schemas as ops
 from ..kernels.bitconv import bit_conv_into
-from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
+from .cabi import ALPHA, COMPUTE, KERNEL_FAILED, SHAPE, shape, tensors
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
@@ -18,7 +18,10 @@ def _bit_conv_shape(dims, data):
 @cfunc(COMPUTE, nogil=True, cache=True)
 def _bit_conv_compute(data, dims):
     x, wp, bias, geometry, out = tensors(data, dims)
-    bit_conv_into(x, wp, carray(data[2], (dims[ALPHA + 1],), np.float32), bias, geometry, out)
+    try:  # a numba exception cannot leave a cfunc: without this, a failure returns success over an unwritten output
+        bit_conv_into(x, wp, carray(data[2], (dims[ALPHA + 1],), np.float32), bias, geometry, out)
+    except Exception:  # noqa: BLE001
+        return KERNEL_FAILED
     return 0
 
 

@@ -7,7 +7,7 @@ from numba import carray, cfunc, njit
 
 from ..graph import schemas as ops
 from ..kernels.chain import pack_signs_into, packed_conv_into
-from .cabi import COMPUTE, MAX_INPUTS, OUT, SHAPE, chained_shape, chained_tensors, pack_signs_shape
+from .cabi import COMPUTE, KERNEL_FAILED, MAX_INPUTS, OUT, SHAPE, chained_shape, chained_tensors, pack_signs_shape
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
@@ -18,7 +18,11 @@ def _pack_signs_shape(dims, data):
 @cfunc(COMPUTE, nogil=True, cache=True)
 def _pack_signs_compute(data, dims):
     x = carray(data[0], (dims[1], dims[2], dims[3], dims[4]), np.float32)
-    pack_signs_into(x, carray(data[MAX_INPUTS], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]), np.uint64))
+    try:  # see cabi_bitconv.py
+        pack_signs_into(x, carray(data[MAX_INPUTS], (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3]),
+                                  np.uint64))
+    except Exception:  # noqa: BLE001
+        return KERNEL_FAILED
     return 0
 
 
@@ -27,12 +31,15 @@ def _run_chained(data, dims, emit_signs):
     """PackedBitConv (float output) or PackedBitConvSigns (sign bits) on tensors chained_shape accepted."""
     bits, wp, alpha, bias, geometry, pool = chained_tensors(data, dims)
     shape = (dims[OUT], dims[OUT + 1], dims[OUT + 2], dims[OUT + 3])
-    if emit_signs:
-        signs = carray(data[MAX_INPUTS], shape, np.uint64)
-        packed_conv_into(bits, pool, wp, alpha, bias, geometry, np.empty((0, 0, 0, 0), np.float32), signs)
-    else:
-        out = carray(data[MAX_INPUTS], shape, np.float32)
-        packed_conv_into(bits, pool, wp, alpha, bias, geometry, out, np.empty((0, 0, 0, 0), np.uint64))
+    try:  # see cabi_bitconv.py
+        if emit_signs:
+            signs = carray(data[MAX_INPUTS], shape, np.uint64)
+            packed_conv_into(bits, pool, wp, alpha, bias, geometry, np.empty((0, 0, 0, 0), np.float32), signs)
+        else:
+            out = carray(data[MAX_INPUTS], shape, np.float32)
+            packed_conv_into(bits, pool, wp, alpha, bias, geometry, out, np.empty((0, 0, 0, 0), np.uint64))
+    except Exception:  # noqa: BLE001
+        return KERNEL_FAILED
     return 0
 
 

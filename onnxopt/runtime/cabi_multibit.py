@@ -7,7 +7,7 @@ from numba import carray, cfunc
 
 from ..graph import schemas as ops
 from ..kernels.multibit import multibit_bit_conv_into
-from .cabi import ALPHA, COMPUTE, SHAPE, shape, tensors
+from .cabi import ALPHA, COMPUTE, KERNEL_FAILED, SHAPE, shape, tensors
 
 
 @cfunc(SHAPE, nogil=True, cache=True)
@@ -19,7 +19,10 @@ def _multibit_shape(dims, data):
 def _multibit_compute(data, dims):
     x, wp, bias, geometry, out = tensors(data, dims)
     alpha = carray(data[2], (dims[ALPHA + 1], dims[ALPHA + 2]), np.float32)
-    multibit_bit_conv_into(x, wp, alpha, bias, geometry, out)
+    try:  # see cabi_bitconv.py
+        multibit_bit_conv_into(x, wp, alpha, bias, geometry, out)
+    except Exception:  # noqa: BLE001
+        return KERNEL_FAILED
     return 0
 
 

@@ -75,6 +75,12 @@ def compile_notice(kernel) -> None:
         sys.stderr.flush()
 
 
+# How many PyOp bodies failed, and the last reason. An exception there aborts the process (onnxruntime-extensions lets a
+# pybind11 error escape as a C++ terminate), so a body returns an empty output instead, and onnxopt's own
+# sessions (runtime/__init__.py) raise when a run added to the count.
+failures = {"count": 0, "last": ""}
+
+
 def _guarded(op_type: str, body):
     """The op body, run only on inputs the kernel can index; otherwise an empty output, never an exception.
 
@@ -97,6 +103,8 @@ def _guarded(op_type: str, body):
         except Exception as exc:  # noqa: BLE001 - an exception here would abort the process
             problem = f"{type(exc).__name__}: {exc}"
         print(f"onnxopt: error: {op_type}: {problem}; returning an empty output", file=sys.stderr)
+        failures["count"] += 1
+        failures["last"] = f"{op_type}: {problem}"
         return np.zeros((0,), np.float32)
     return run
 

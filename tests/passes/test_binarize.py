@@ -16,6 +16,7 @@ import onnxopt
 from onnxopt.kernels import AVX2_ONLY_ENV, bitconv, reference
 from onnxopt.kernels.geometry import Geometry
 from onnxopt.kernels.packing import pack_weights
+from kernel_cases import CHANNELS, conv_cases
 
 
 def sign(v):
@@ -57,26 +58,45 @@ def test_binary_conv_equals_ort_conv_on_binarized_tensors(rng, attrs, with_bias)
 
 @pytest.mark.slow
 @settings(max_examples=320, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(c=st.integers(1, 200), o=st.integers(1, 150), k=st.integers(1, 5), sh=st.integers(1, 3), sw=st.integers(1, 3),
-       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), dh=st.integers(1, 2), dw=st.integers(1, 2),
-       n=st.integers(1, 3), h=st.integers(1, 11), wd=st.integers(1, 19), auto=st.sampled_from([0, 0, 1, 2, 3]),
-       seed=st.integers(0, 2**31))
-def test_bitconv_kernel_matches_reference_exactly(c, o, k, sh, sw, pads, dh, dw, n, h, wd, auto, seed):
+@given(c=CHANNELS, o=st.integers(1, 150), case=conv_cases(max_stride=3), n=st.integers(1, 3),
+       auto=st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]), seed=st.integers(0, 2**31))
+def test_bitconv_kernel_matches_reference_exactly(c, o, case, n, auto, seed):
     """Zero mismatches between the numba kernel and the float emulation over random geometries: channel
-    counts across word, tile and job-group boundaries, rows shorter and longer than a vector."""
+    counts across word, tile and job-group boundaries, rows shorter and longer than a vector, kernels of up to
+    130 taps along an axis with pads up to half of it."""
     rng = np.random.default_rng(seed)
-    assume(not (auto == 0 and (h + pads[0] + pads[2] < (k - 1) * dh + 1 or wd + pads[1] + pads[3] < (k - 1) * dw + 1)))
-    assume(not (auto == 3 and (h < (k - 1) * dh + 1 or wd < (k - 1) * dw + 1)))  # no output fits
-    x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
+    spans = [(k - 1) * d + 1 for k, d in zip(case.kernel, case.dilations)]
+    assume(not (auto == "VALID" and any(size < span for size, span in zip(case.sizes, spans))))  # no output fits
+    x = rng.standard_normal((n, c, *case.sizes)).astype(np.float32)
     x[rng.random(x.shape) < 0.1] = 0.0  # b(0) = -1: zeros must take the negative branch
-    w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+    w = rng.standard_normal((o, c, *case.kernel)).astype(np.float32)
     alpha = rng.random(o).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
-    g = Geometry(2, (sh, sw), tuple(pads), (dh, dw), auto, c)
+    g = case.geometry(c, auto)
     want = reference.binary_conv(x, w, alpha, bias, g.encode())
     got = bitconv.bit_conv(x, pack_weights(w), alpha, bias, g.encode())
     assert got.shape == want.shape
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("taps, pad", [(65, 32), (100, 50), (130, 65), (129, 0)])
+def test_long_conv1d_is_exact(taps, pad):
+    """Conv1d past 64 taps with padding: the padded-tap pattern was an int64 bit mask (1 << 65 wrapped), off by
+    5 on outputs of ~40 at 65 taps and by 136 at 100."""
+    rng = np.random.default_rng(taps)
+    x = rng.standard_normal((2, 65, 150)).astype(np.float32)
+    w = rng.standard_normal((7, 65, taps)).astype(np.float32)
+    alpha, bias = rng.random(7).astype(np.float32), rng.standard_normal(7).astype(np.float32)
+    g = Geometry.from_conv({"pads": [pad, pad]}, 1, 65).encode()
+    want = reference.binary_conv(x, w, alpha, bias, g)
+    got = bitconv.bit_conv(x[:, :, None, :], pack_weights(w[:, :, None, :]), alpha, bias, g)  # Conv1d: height 1
+    assert np.array_equal(got[:, :, 0, :], want)
+    model = conv_model(w, bias, pads=[pad, pad])
+    lowered = onnxopt.convert_to_native_binary_convolution(onnxopt.convert_to_binary_convolution(model))
+    (got,) = ort_run(lowered, {"X": x})
+    transformed = onnxopt.convert_to_binary_convolution(model)
+    (emulated,) = ort_run(transformed, {"X": x})
+    assert np.array_equal(got, emulated)
 
 
 def _host_has_avx2() -> bool:

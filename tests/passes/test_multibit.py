@@ -8,6 +8,7 @@ import pytest
 from conftest import MODELS, cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import CHANNELS, conv_cases
 
 from onnxopt import api
 from onnxopt.kernels import multibit, packing, reference
@@ -19,21 +20,20 @@ def _lowered_inputs(w, levels_w):
     return np.concatenate([packing.pack_weights(p) for p in planes], axis=3), scales.astype(np.float32)
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), kw=st.integers(1, 3), ka=st.integers(1, 3), c=st.integers(1, 130),
-       o=st.integers(1, 20), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), pad=st.integers(0, 2),
-       dilation=st.integers(1, 2), size=st.integers(5, 12), batch=st.integers(1, 3))
-def test_lowered_kernel_equals_the_definition(seed, kw, ka, c, o, k, stride, pad, dilation, size, batch):
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), kw=st.integers(1, 3), ka=st.integers(1, 3), c=CHANNELS, o=st.integers(1, 20),
+       case=conv_cases(max_k=5), batch=st.integers(1, 3))
+def test_lowered_kernel_equals_the_definition(seed, kw, ka, c, o, case, batch):
     """Bit-serial kernel vs the float64 oracle, rel <= 1e-5 of the output's largest magnitude (the kernel sums
     integers exactly and scales once; the oracle multiplies the float approximations: rounding only). The
-    samples of a batch differ by orders of magnitude, so a scale shared across samples would fail."""
+    samples of a batch differ by orders of magnitude, so a scale shared across samples would fail. Kernels up
+    to 130 taps along an axis."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, c, size, size + 1)).astype(np.float32)
+    x = rng.normal(size=(batch, c, *case.sizes)).astype(np.float32)
     x *= np.logspace(-2, 2, batch, dtype=np.float32).reshape(-1, 1, 1, 1)
-    w = rng.normal(size=(o, c, k, k)).astype(np.float32)
-    g = Geometry.from_conv({"pads": [pad] * 4, "strides": [stride] * 2, "dilations": [dilation] * 2}, 2, c)
-    if (size + 2 * pad - dilation * (k - 1) - 1) < 0:
-        return
+    w = rng.normal(size=(o, c, *case.kernel)).astype(np.float32)
+    g = case.geometry(c)
     geometry = np.append(g.encode(), ka).astype(np.int64)
     wp, alpha = _lowered_inputs(w, kw)
     bias = rng.normal(size=o).astype(np.float32)
@@ -42,6 +42,19 @@ def test_lowered_kernel_equals_the_definition(seed, kw, ka, c, o, k, stride, pad
     for n in range(batch):  # per sample: each sample's own scale
         scale = max(np.abs(want[n]).max(), 1e-6)
         assert np.abs(got[n] - want[n]).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("taps, pad", [(65, 32), (100, 50)])
+def test_long_conv1d_equals_the_definition(taps, pad):
+    """Past 64 taps with padding (where an int64 padding mask wrapped): 2x2 bits, Conv1d."""
+    rng = np.random.default_rng(taps)
+    x, w = rng.normal(size=(2, 65, 1, 140)).astype(np.float32), rng.normal(size=(5, 65, 1, taps)).astype(np.float32)
+    geometry = np.append(Geometry.from_conv({"pads": [pad, pad]}, 1, 65).encode(), 2).astype(np.int64)
+    wp, alpha = _lowered_inputs(w, 2)
+    bias = rng.normal(size=5).astype(np.float32)
+    want = reference.multibit_conv(x[:, :, 0], w[:, :, 0], alpha, bias, geometry)
+    got = multibit.multibit_bit_conv(x, wp, alpha, bias, geometry)[:, :, 0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_one_by_one_is_todays_op_and_file():

@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import conv_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_cases import CHANNELS, conv_cases
 
 import onnxopt
 from onnxopt import api, runtime
@@ -33,18 +35,17 @@ def library():
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
-@given(c=st.integers(1, 140), o=st.integers(1, 70), k=st.integers(1, 3), stride=st.integers(1, 2),
-       pad=st.integers(0, 2), dilation=st.integers(1, 2), n=st.integers(1, 3), h=st.integers(5, 12),
-       one_d=st.booleans(), bits=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=st.integers(0, 2**31))
-def test_c_path_equals_pyop_bit_for_bit(library, c, o, k, stride, pad, dilation, n, h, one_d, bits, seed):
+@given(c=CHANNELS, o=st.integers(1, 70), data=st.data(), n=st.integers(1, 3), one_d=st.booleans(),
+       bits=st.tuples(st.integers(1, 3), st.integers(1, 3)), seed=st.integers(0, 2**31))
+def test_c_path_equals_pyop_bit_for_bit(library, c, o, data, n, one_d, bits, seed):
     """Lowered layers (BitConv, and MultibitBitConv for Kw x Ka other than 1x1) over random geometries (Conv1d
-    too), batch > 1 with samples at different scales: the C path and the PyOp bridge run the same kernels on the
-    same data, so the outputs are identical, not close."""
+    too, kernels up to 130 taps along an axis), batch > 1 with samples at different scales: the C path and the
+    PyOp bridge run the same kernels on the same data, so the outputs are identical, not close."""
     rng = np.random.default_rng(seed)
-    spatial = 1 if one_d else 2
-    w = rng.standard_normal((o, c) + (k,) * spatial)
-    x = rng.standard_normal((n, c, 2 * h) if one_d else (n, c, h, h))
-    attrs = dict(pads=[pad] * 2 * spatial, strides=[stride] * spatial, dilations=[dilation] * spatial)
+    case = data.draw(conv_cases(spatial=1 if one_d else 2, max_k=3, max_pad=2))
+    w = rng.standard_normal((o, c, *case.kernel))
+    x = rng.standard_normal((n, c, *case.sizes))
+    attrs = case.attributes()
     x *= rng.uniform(0.1, 10, (n,) + (1,) * (x.ndim - 1))  # samples at very different scales
     model = conv_model(w.astype(np.float32), rng.standard_normal(o).astype(np.float32), **attrs)
     lowered, _ = api.binarize(model, weight_bits=bits[0], activation_bits=bits[1])
@@ -68,6 +69,85 @@ def test_bad_input_is_an_error_not_a_crash(library):
         with pytest.raises(Exception, match=text):
             sess.run(None, {"X": x})
     assert sess.run(None, {"X": np.ones((1, 8, 6, 6), np.float32)})[0].shape == (1, 4, 4, 4)
+
+
+def _far_padded(pads, strides):
+    w = np.ones((1, 8, 1, 1), np.float32)
+    model = conv_model(w, strides=strides, pads=[pads] * 4)
+    return onnxopt.convert_to_native_binary_convolution(onnxopt.convert_to_binary_convolution(model))
+
+
+def test_geometry_far_beyond_the_input_is_refused(library):
+    """Stride 4096 and pads 65536 on a 1x1 input ask the kernel for 156 GiB: the allocation failed inside the
+    kernel and session.run returned an unwritten buffer with success. Now the C path, the PyOp bridge and the
+    guarded session each refuse it before any allocation."""
+    lowered = _far_padded(65536, [4096, 4096])
+    x = np.ones((1, 8, 1, 1), np.float32)
+    with pytest.raises(Exception, match="would exceed 2 GiB"):
+        _session(lowered, library).run(None, {"X": x})
+    # a raw session on the PyOp bridge cannot raise (an exception there aborts the process): an empty output
+    # and a line on stderr; onnxopt's own session raises on it
+    (out,) = _session(lowered, pyop.register()).run(None, {"X": x})
+    assert out.size == 0
+    with pytest.raises(onnxopt.OnnxoptError, match=r"would take 156\.0 GiB .*limit 2 GiB"):
+        onnxopt.session(lowered).run(None, {"X": x})
+
+
+def test_a_pyop_failure_is_an_error_of_onnxopt_sessions(monkeypatch):
+    """Whatever fails inside a PyOp body (here: its input check raising) makes onnxopt's session.run raise,
+    where a raw session gets an empty output."""
+    from onnxopt.graph import schemas
+
+    transformed = onnxopt.convert_to_binary_convolution(conv_model(np.ones((4, 8, 3, 3), np.float32)))
+    sess = onnxopt.session(transformed)  # BinaryConv: the PyOp bridge
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(schemas, "constants_problem", broken)
+    with pytest.raises(onnxopt.OnnxoptError, match="the kernel failed: BinaryConv: RuntimeError: boom"):
+        sess.run(None, {"X": np.ones((1, 8, 7, 5), np.float32)})
+
+
+OOM_SCRIPT = """
+import resource, sys
+import numpy as np, onnx, onnxruntime as ort
+from onnxopt.runtime import cabi
+so = ort.SessionOptions()
+so.register_custom_ops_library(cabi.library_path(("BitConv",)))
+sess = ort.InferenceSession(sys.argv[1], so)
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (600 << 20), resource.RLIM_INFINITY))
+try:
+    sess.run(None, {"X": np.ones((1, 8, 1, 1), np.float32)})
+except Exception as exc:
+    print("raised:", exc)
+else:
+    print("returned")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limit via /proc and RLIMIT_AS")
+def test_a_failed_allocation_in_the_kernel_is_an_error(library, tmp_path):
+    """A 1.8 GB work buffer (under the bound) in a process limited to 600 MB more address space: the kernel's
+    allocation fails, and session.run raises instead of returning the unwritten output as a success."""
+    onnx.save(_far_padded(7500, [16, 16]), tmp_path / "far.onnx")
+    result = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(tmp_path / "far.onnx")], capture_output=True,
+                            text=True, timeout=300)
+    assert "raised:" in result.stdout and "the kernel failed" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_work_bound_formulas_agree():
+    """The graph-side bound (kernels/geometry.py, no numba) and the kernel's own (kernels/bitconv.py) agree."""
+    from onnxopt.kernels import bitconv, simd
+    from onnxopt.kernels.geometry import TILE_PIXELS, Geometry, work_bytes
+
+    assert TILE_PIXELS == simd.LANES
+    for pads, strides, shape, kernel in ((0, 1, (2, 65, 30, 31), (3, 3)), (7, 3, (1, 3, 5, 70), (1, 9)),
+                                         (65536, 4096, (1, 8, 1, 1), (1, 1))):
+        g = Geometry.from_conv({"pads": [pads] * 4, "strides": [strides] * 2}, 2, shape[1])
+        n, c, h, w = shape
+        assert work_bytes(shape, kernel, g) == bitconv.work_bytes(n, h, w, c, *kernel, g.encode())
 
 
 @pytest.mark.slow
