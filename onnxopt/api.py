@@ -40,6 +40,7 @@ def run_command(name: str, model: Model, *, progress: Progress | None = None,
     groups = registry.parse(name, options)  # usage errors before any file is read
     source, protected = _source(model)
     check_input_shapes(source, groups[opt.ShapeOptions].shapes)
+    protected = _inputs(protected, *_path_options(groups))
     steps = commands.build(name, source, groups, protected=protected, progress=progress)
     return pipeline_steps.run(source, steps, Report(command=name))
 
@@ -79,32 +80,36 @@ def finetune(original: Model, transformed: Model, data, *, labels: str | None = 
     steps = [pipeline_steps.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),
              pipeline_steps.ValidateCustomOps(), pipeline_steps.Check(teacher, opt.CheckOptions())]
     if output is not None:
-        steps.append(pipeline_steps.Save.checked(save, files_a + files_b))
+        steps.append(pipeline_steps.Save.checked(save, _inputs(files_a + files_b, data)))
     return pipeline_steps.run(student, steps, Report(command="finetune"))
 
 
 def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None = None, output=None,
-          force: bool = False, external_data: bool = False, strict: bool = False) -> tuple[onnx.ModelProto, Report]:
+          force: bool = False, external_data: bool = False, strict: bool = False,
+          allow_code: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe (pipeline/recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
     validated before the model is read. Raises GateFailed when a gate fails (nothing written), and with
-    `strict` when no layer was changed."""
+    `strict` when no layer was changed. A recipe key that runs code (train_cmd, train_hook, ...) needs
+    `allow_code`."""
     from .pipeline import recipe as recipes
 
-    loaded = recipes.load(recipe)
+    loaded = recipes.load(recipe, allow_code=allow_code)
     save = opt.SaveOptions(output=output, force=force, external_data=external_data, strict=strict)
     source, protected = _source(model)
+    named = [v for _, options in loaded.steps for v in options.values()] + list(loaded.gate.values())
+    protected = _inputs(protected, recipe, *(v for v in named if isinstance(v, str)))  # the recipe's files
     return commands.run_recipe(source, loaded, save, protected=protected, progress=progress)
 
 
 def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1, ray: str | None = None,
-          keep_best=None, report=None, latency: bool = True, progress: Progress | None = None):
+          keep_best=None, report=None, latency: bool = True, progress: Progress | None = None,
+          allow_code: bool = False, force: bool = False):
     """Every combination of `grid` (["factor.rank=0.3,0.5", ...]) run as the pipeline would, scored on `data`
     against the input model, with size, FLOPs and latency and the Pareto front (pipeline/sweep.py). `jobs` local worker
     processes, or `ray`: the address of a Ray cluster to run the candidates on. `keep_best`: a folder for the
-    front's models; `report`: an HTML file with the table and charts (needs matplotlib)."""
-    from pathlib import Path
-
-    from .graph.io import check_output
+    front's models; `report`: an HTML file with the table and charts (needs matplotlib); existing files there are
+    replaced only with `force`, input files never."""
+    from .graph.io import check_models_folder, check_output, save_models
     from .pipeline import sweep as sweeps
 
     axes = sweeps.parse_grid(list(grid))  # usage errors before any work
@@ -112,31 +117,46 @@ def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, j
     if recipe is not None:
         from .pipeline import recipe as recipes
 
-        base = recipes.load(recipe).steps
+        base = recipes.load(recipe, allow_code=allow_code).steps
     opt.SweepOptions(grid=tuple(grid), recipe=recipe, jobs=jobs, ray=ray, keep_best=keep_best, report=report)
+    source, protected = _source(model)
+    protected = _inputs(protected, data, recipe)
     if report is not None:
-        check_output(report, force=True)
-    source, _ = _source(model)
+        check_output(report, force=force, protected=protected)
+    if keep_best is not None:
+        check_models_folder(keep_best, "front_*.onnx", force=force, protected=protected)
     result = sweeps.sweep(source, data, axes, base=base, labels=labels, jobs=jobs, ray=ray, latency=latency,
                           progress=progress)
     if keep_best is not None:
-        folder = Path(keep_best)
-        folder.mkdir(parents=True, exist_ok=True)
-        from .graph.io import save_model
-
-        for i, row in enumerate(r for r in result.rows if r["front"]):
-            row["path"] = str(save_model(onnx.load_model_from_string(row["model"]), folder / f"front_{i}.onnx",
-                                         force=True))
+        front = [r for r in result.rows if r["front"]]
+        models = {f"front_{i}.onnx": onnx.load_model_from_string(r["model"]) for i, r in enumerate(front)}
+        for row, path in zip(front, save_models(models, keep_best, force=force, protected=protected)):
+            row["path"] = str(path)
     if report is not None:
         from .graph.io import atomic_write_text
         from .pipeline.report_page import html_report
 
-        atomic_write_text(html_report(result), report)
+        atomic_write_text(html_report(result), report, force=force, protected=protected)
     return result
 
 
+def _path_options(groups) -> list:
+    """The values of a command's file options (calibration, data, ...): files it reads."""
+    import dataclasses
+
+    return [getattr(g, f.name) for g in groups.values() if dataclasses.is_dataclass(g)
+            for f in dataclasses.fields(g) if f.metadata.get("path")]
+
+
+def _inputs(model_files: list, *paths) -> list:
+    """The files a run reads (the model's, the data, a recipe): no output may replace one."""
+    from pathlib import Path
+
+    return list(model_files) + [Path(p) for p in paths if isinstance(p, (str, os.PathLike))]
+
+
 def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, jobs: int = 1, ray: str | None = None,
-                report=None, progress: Progress | None = None) -> dict:
+                report=None, progress: Progress | None = None, force: bool = False) -> dict:
     """Distiller's sensitivity analysis: for `axis` ("factor.rank=0.1,0.3"), per layer the step changes and per
     value, the score with only that layer changed (sweep.sensitivity). `report`: an HTML file with the table
     and a chart of score vs value per layer."""
@@ -145,15 +165,16 @@ def sensitivity(model: Model, data, axis: str, *, labels: str | None = None, job
 
     (parsed,) = sweeps.parse_grid([axis])
     opt.SweepOptions(sensitivity=axis, jobs=jobs, ray=ray, report=report)
+    source, protected = _source(model)
+    protected = _inputs(protected, data)
     if report is not None:
-        check_output(report, force=True)
-    result = sweeps.sensitivity(_source(model)[0], data, parsed, labels=labels, jobs=jobs, ray=ray,
-                                progress=progress)
+        check_output(report, force=force, protected=protected)
+    result = sweeps.sensitivity(source, data, parsed, labels=labels, jobs=jobs, ray=ray, progress=progress)
     if report is not None:
         from .graph.io import atomic_write_text
         from .pipeline.report_page import sensitivity_html
 
-        atomic_write_text(sensitivity_html(result), report)
+        atomic_write_text(sensitivity_html(result), report, force=force, protected=protected)
     return result
 
 
@@ -171,15 +192,23 @@ def inspect(model: Model, *, input_shape=()) -> dict:
     return inspect_model(source, shapes)
 
 
-def run(model: Model, data) -> dict[str, np.ndarray]:
-    """Outputs of any model (plain, transformed, lowered) on `data` (.npz path or dict keyed by input name)."""
+def run(model: Model, data, *, output=None, force: bool = False) -> dict[str, np.ndarray]:
+    """Outputs of any model (plain, transformed, lowered) on `data` (.npz path or dict keyed by input name);
+    `output`: an .npz to save them to (never one of the inputs, an existing file only with `force`)."""
     from . import runtime
+    from .graph.io import atomic_save_npz, check_output
     from .measure.feeds import feeds_from
 
-    source, _ = _source(model)
+    source, protected = _source(model)
+    protected = _inputs(protected, data)
+    if output is not None:
+        check_output(output, force=force, protected=protected)
     feeds = feeds_from(data, source)
     # from the file when there is one: no 2 GiB re-serialization
-    return runtime.run(model if not isinstance(model, onnx.ModelProto) else source, feeds)
+    outputs = runtime.run(model if not isinstance(model, onnx.ModelProto) else source, feeds)
+    if output is not None:
+        atomic_save_npz(outputs, output, force=force, protected=protected)
+    return outputs
 
 
 def check(reference: Model, candidate: Model, *, data=None, samples: int = 8) -> dict:

@@ -150,7 +150,7 @@ def _print_report_of(call, as_json: bool):
 
 @cli.command()
 @_generated_options((opt.ApplyOptions, opt.SaveOptions), model=None, json=REPORT_JSON, quiet=True)
-def apply(recipe, model_path, output, force, external_data, strict, as_json, quiet):
+def apply(recipe, model_path, allow_code, output, force, external_data, strict, as_json, quiet):
     """Run a recipe: its [[step]] commands in order (factor, binarize, lower, quantize, with their options),
     then its [gate] on the final model against MODEL; nothing is written when a gate fails."""
     from . import api
@@ -158,7 +158,8 @@ def apply(recipe, model_path, output, force, external_data, strict, as_json, qui
 
     _print_report_of(lambda: api.apply(recipe, model_path, progress=_progress(quiet or as_json), force=force,
                                        output=output or default_output(model_path, "applied"),
-                                       external_data=external_data, strict=strict), as_json)
+                                       external_data=external_data, strict=strict, allow_code=allow_code),
+                      as_json)
 
 
 @cli.command()
@@ -173,12 +174,13 @@ def sweep(model_path, data, labels, as_json, quiet, **options):
 
     given = opt.SweepOptions(**options)  # which of --grid / --sensitivity, and the rules between them
     common = {"labels": labels, "jobs": given.jobs, "ray": given.ray, "report": given.report,
-              "progress": _progress(quiet or as_json)}
+              "progress": _progress(quiet or as_json), "force": given.force}
     if given.sensitivity:
         result = api.sensitivity(model_path, data, given.sensitivity, **common)
         click.echo(json.dumps(result, indent=2) if as_json else sensitivity_table(result))
         return
-    result = api.sweep(model_path, data, given.grid, recipe=given.recipe, keep_best=given.keep_best, **common)
+    result = api.sweep(model_path, data, given.grid, recipe=given.recipe, keep_best=given.keep_best,
+                       allow_code=given.allow_code, **common)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else table(result))
 
 
@@ -215,13 +217,12 @@ def inspect(model_path, as_json, input_shape):
 def run(model_path, data, output, force):
     """Run any model (plain, binarized, lowered) in onnxruntime on the inputs in an .npz."""
     from . import api
-    from .graph.io import atomic_save_npz
 
-    outputs = api.run(model_path, data)
+    outputs = api.run(model_path, data, output=output, force=force)
     for name, value in outputs.items():
         click.echo(f"{name}: shape {list(value.shape)} dtype {value.dtype}")
     if output:
-        click.echo(f"wrote {atomic_save_npz(outputs, output, force=force)}")
+        click.echo(f"wrote {output}")
 
 
 @cli.command()

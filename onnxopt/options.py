@@ -16,13 +16,15 @@ from .errors import UsageError
 
 def option(default: Any = None, help: str = "", *, metavar: str | None = None, flag: str | None = None,
            short: str | None = None, repeat: bool = False, kind: type | None = None, cli: bool = True,
-           path: bool = False, argument: bool = False, required: bool = False):
+           path: bool = False, argument: bool = False, required: bool = False, code: bool = False):
     """A dataclass field with what the CLI needs to declare it: help text, metavar, the flag's name when it
     is not `--field-name`, a short flag, repeatable or not, and the value type click should parse; `path`:
     a file name (a recipe resolves it against the recipe's folder); `argument`: a positional argument;
-    `required`: an option the command cannot run without."""
+    `required`: an option the command cannot run without; `code`: its value runs code (a module:function to import,
+    a shell command), so a recipe may set it only with --allow-code."""
     meta = {"help": help, "metavar": metavar, "flag": flag, "short": short, "repeat": repeat, "kind": kind,
-            "cli": cli, "path": path, "argument": argument, "required": required}
+            "cli": cli, "path": path, "argument": argument, "required": required,
+            "code": code}
     if repeat:
         return field(default=(), metadata=meta)
     return field(default=default, metadata=meta)

@@ -34,23 +34,28 @@ def test_external_data_does_not_overwrite_the_inputs_data(tmp_path, monkeypatch)
     src = mlp_with_external_data(tmp_path, "a.onnx", "b.onnx.data")  # the input's data has the output's name
     before = sha256(tmp_path / "b.onnx.data")
     monkeypatch.chdir("/")  # from another directory, as reported
-    for extra in ([], ["--force"]):
-        code, _, err = run_cli("factor", src, "--rank", "0.5", "-o", tmp_path / "b.onnx", "--external-data", *extra)
-        assert_clean_refusal(code, err)
-        assert "input model" in err or "exists" in err
+    code, _, err = run_cli("factor", src, "--rank", "0.5", "-o", tmp_path / "b.onnx", "--external-data")
+    assert code == 0, err  # the output's data goes to a name of its own (b.onnx.<token>.data)
     assert sha256(tmp_path / "b.onnx.data") == before
     onnxopt.load_model(src)  # still readable
-    assert not (tmp_path / "b.onnx").exists()
+    onnxopt.load_model(tmp_path / "b.onnx")
+    code, _, err = run_cli("factor", src, "--rank", "0.5", "-o", tmp_path / "b.onnx", "--external-data", "--force")
+    assert code == 0, err
+    assert sha256(tmp_path / "b.onnx.data") == before  # replacing b.onnx never removes the input's data
+    onnxopt.load_model(src)
 
 
-def test_existing_data_file_needs_force_and_cwd_does_not_matter(tmp_path, monkeypatch):
+def test_existing_data_file_is_left_alone_and_cwd_does_not_matter(tmp_path, monkeypatch):
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
     (out.parent / "m.onnx.data").write_bytes(b"someone else's data")
     code, _, err = run_cli("factor", MODELS / "mlp.onnx", "--rank", "0.5", "-o", out, "--external-data")
-    assert code == 2 and "m.onnx.data: exists; pass --force" in err and not out.exists()
+    assert code == 0 and (out.parent / "m.onnx.data").read_bytes() == b"someone else's data", err
     # an unrelated m.onnx.data in the current directory does not block writing outdir/m.onnx
     (out.parent / "m.onnx.data").unlink()
+    out.unlink()
+    for data in out.parent.glob("m.onnx.*.data"):
+        data.unlink()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.onnx.data").write_bytes(b"unrelated")
     code, _, err = run_cli("factor", MODELS / "mlp.onnx", "--rank", "0.5", "-o", out, "--external-data")

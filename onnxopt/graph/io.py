@@ -7,6 +7,7 @@ opset import; every output (model, npz, HTML) goes through the same target rules
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,35 +118,64 @@ def check_output(path: str | os.PathLike, *, force: bool = False, protected: lis
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
                external_data: bool = False, protected: list[Path] = ()) -> Path:
-    """Check and write `model` atomically. External data goes to `<name>.data` beside it; both files
-    follow the same rules (`check_target`), and `protected` (the input's files) are never replaced."""
+    """Check and write `model` atomically; `protected` (the input's files) are never replaced.
+
+    With external data the .onnx and its data file are one unit: the data goes to a name unique to this write
+    (`<name>.<token>.data`, referenced by the .onnx), is moved in first, and the .onnx is renamed over the old
+    one last. A reader sees the old pair or the new pair, whatever the timing: two writers racing each leave a
+    consistent pair (the last rename wins), and a stop between the two renames leaves the old .onnx with its
+    old data. The data files the replaced .onnx referenced are removed after."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{folder}: output folder does not exist")
     external_data = external_data or over_protobuf_limit(model)
-    data_name = path.name + ".data"
     check_target(path, force, list(protected))
-    if external_data:
-        check_target(folder / data_name, force, list(protected))
     check_model(model, what="output model")
+    stale = _own_data_files(path, protected) if external_data or path.exists() else []
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder)
     except OSError as exc:
         raise OnnxoptError(f"{folder}: cannot write here ({exc.strerror})") from None
+    data_path = None
     try:
         tmp_path = Path(tmp_dir) / path.name
         if external_data:
+            data_name = f"{path.name}.{secrets.token_hex(6)}.data"
             _save_external(model, tmp_path, data_name)
-            os.replace(Path(tmp_dir) / data_name, folder / data_name)
+            data_path = folder / data_name
+            os.replace(Path(tmp_dir) / data_name, data_path)
         else:
             onnx.save_model(model, str(tmp_path))
         os.replace(tmp_path, path)
+        data_path = None  # in place: no longer ours to clean up
     except OSError as exc:
         raise OnnxoptError(f"{path}: write failed ({exc.strerror or exc}); nothing was written") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if data_path is not None:  # stopped or failed between the two renames: the old pair stands
+            data_path.unlink(missing_ok=True)
+    for old in stale:
+        old.unlink(missing_ok=True)
     return path
+
+
+def _own_data_files(path: Path, protected) -> list[Path]:
+    """The data files the model now at `path` references that a save of `path` wrote (`<name>.data`,
+    `<name>.<token>.data` beside it) and nobody else reads: what replacing it leaves stale."""
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model (or not there): nothing of ours to clean up
+        return []
+    keep = {p.resolve() for p in protected if p.exists()}
+    found = []
+    for location in _external_locations(old):
+        candidate = path.parent / location
+        name = Path(location).name
+        ours = location == name and name.startswith(path.name + ".") and name.endswith(".data")
+        if ours and candidate.is_file() and candidate.resolve() not in keep:
+            found.append(candidate)
+    return found
 
 
 def _save_external(model: onnx.ModelProto, tmp_path: Path, data_name: str) -> None:
@@ -172,18 +202,63 @@ def _save_external(model: onnx.ModelProto, tmp_path: Path, data_name: str) -> No
     onnx.load_external_data_for_model(model, str(tmp_path.parent))
 
 
-def atomic_save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike, *, force: bool = False) -> Path:
-    return _atomic_write(path, force, ".npz", lambda f: np.savez(f, **arrays))
+def atomic_save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike, *, force: bool = False,
+                    protected: list[Path] = ()) -> Path:
+    return _atomic_write(path, force, ".npz", lambda f: np.savez(f, **arrays), protected)
 
 
-def atomic_write_text(text: str, path: str | os.PathLike, *, force: bool = True) -> Path:
+def atomic_write_text(text: str, path: str | os.PathLike, *, force: bool = False,
+                      protected: list[Path] = ()) -> Path:
     """A text file (an HTML report) written atomically, under the same rules as a model."""
-    return _atomic_write(path, force, ".tmp", lambda f: f.write(text.encode()))
+    return _atomic_write(path, force, ".tmp", lambda f: f.write(text.encode()), protected)
 
 
-def _atomic_write(path: str | os.PathLike, force: bool, suffix: str, write) -> Path:
+def check_models_folder(folder: str | os.PathLike, names: str, *, force: bool = False,
+                        protected: list[Path] = ()) -> None:
+    """Before the work that fills it: `folder` can take files matching the glob `names` (it exists as a writable
+    folder, or its parent does), existing ones only with `force`, and none of them is an input file."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: exists and is not a folder")
+    writable = folder if folder.exists() else folder.parent if str(folder.parent) else Path(".")
+    if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
+        raise UsageError(f"{writable}: cannot write here (missing or read-only folder)")
+    existing = sorted(folder.glob(names)) if folder.exists() else []
+    inputs = [p for p in existing if any(q.exists() and os.path.samefile(p, q) for q in protected)]
+    if inputs:
+        raise UsageError(f"{inputs[0]}: is an input of this run; write the models to another folder")
+    if existing and not force:
+        raise UsageError(f"{existing[0]}: exists; pass --force to overwrite")
+
+
+def save_models(models: dict[str, onnx.ModelProto], folder: str | os.PathLike, *, force: bool = False,
+                protected: list[Path] = ()) -> list[Path]:
+    """Several models into `folder`, all or nothing: every file is written in a temporary folder beside them
+    first (a full disk or a stop leaves the folder as it was), then each is renamed into place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        check_target(folder / name, force, list(protected))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".onnxopt-models.", dir=folder))
+    except OSError as exc:
+        raise OnnxoptError(f"{folder}: cannot write here ({exc.strerror})") from None
+    try:
+        for name, model in models.items():
+            save_model(model, staging / name)
+        for written in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # data files first
+            os.replace(written, folder / written.name)
+    except (OSError, OnnxoptError) as exc:
+        raise OnnxoptError(f"{folder}: writing the models failed ({getattr(exc, 'strerror', None) or exc}); "
+                           "nothing was written") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [folder / name for name in models]
+
+
+def _atomic_write(path: str | os.PathLike, force: bool, suffix: str, write, protected=()) -> Path:
     path = Path(path)
-    check_target(path, force, [])
+    check_target(path, force, list(protected))
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=folder)

@@ -29,20 +29,19 @@ def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.
     path = Path(path)
     if not path.is_file():
         raise OnnxoptError(f"{path}: no such data file")
+    inputs = graph_inputs(model)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        with np.load(path, allow_pickle=False) as data:  # members load lazily: only the inputs' arrays are read
+            names = list(data.files)
+            feeds = {name: data[name] for name in inputs if name in names}
+            unnamed = [k for k in names if k not in ("label", "labels")]
+            if not feeds and len(inputs) == 1 and len(unnamed) == 1:
+                feeds = {next(iter(inputs)): data[unnamed[0]]}
     except Exception as exc:
         raise OnnxoptError(f"{path}: not a readable .npz file ({exc})") from None
-    inputs = graph_inputs(model)
-    feeds = {name: arrays[name] for name in inputs if name in arrays}
-    if not feeds and len(inputs) == 1 and len(arrays) >= 1:
-        unnamed = [k for k in arrays if k not in ("label", "labels")]
-        if len(unnamed) == 1:
-            feeds = {next(iter(inputs)): arrays[unnamed[0]]}
     missing = [n for n in inputs if n not in feeds]
     if missing:
-        raise OnnxoptError(f"{path}: no array for input(s) {', '.join(missing)} (has: {', '.join(arrays) or 'none'})")
+        raise OnnxoptError(f"{path}: no array for input(s) {', '.join(missing)} (has: {', '.join(names) or 'none'})")
     for name, vi in inputs.items():
         check_feed(name, feeds[name], vi, source=str(path))
     return feeds

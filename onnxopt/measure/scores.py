@@ -26,6 +26,22 @@ def _pick_labels(names: list[str], read, key: str | None, where: str) -> np.ndar
     return None if found is None else read(found)
 
 
+def checked_labels(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Labels as int64 class indices in [0, classes), else a UsageError: string or NaN labels compare unequal to
+    every prediction, so both models scored 0.0 and any --max-drop gate passed."""
+    if labels.dtype.kind in "iu":
+        values = labels.astype(np.int64)
+    elif labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        values = labels.astype(np.int64)  # integral floats (a CSV round trip): the same classes
+    else:
+        bad = labels.dtype if labels.dtype.kind not in "f" else "NaN, Inf or fractional values"
+        raise UsageError(f"labels must be integer class indices, got {bad}")
+    if values.size and (values.min() < 0 or values.max() >= classes):
+        raise UsageError(f"labels must be class indices in 0..{classes - 1} (the model's first output has {classes} "
+                         f"classes), got values {values.min()}..{values.max()}")
+    return values
+
+
 class Scorer:
     """The input model's outputs on `data`, computed once; `drop(model)` scores candidates against them."""
 
@@ -45,6 +61,8 @@ class Scorer:
         if self.labels is not None and self.labels.shape != (samples,):
             raise OnnxoptError(f"labels have shape {list(self.labels.shape)}, expected ({samples},) for "
                                f"{samples} samples")
+        if self.labels is not None:
+            self.labels = checked_labels(self.labels, first.shape[1])
         self.metric = "accuracy" if self.labels is not None else "top-1 agreement"
         self.predictions = first.argmax(1)
         self.reference = self._score(self.predictions)

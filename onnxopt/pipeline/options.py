@@ -25,7 +25,7 @@ class SelectOptions:
     skip: tuple = option(help="Leave layers matching PATTERN alone (repeatable). A pattern matches a node name, a "
                               "glob on it, or one '/'-separated part of it ('l1' matches '/l1/Gemm').",
                          metavar="PATTERN", repeat=True)
-    filter_fn: Any = option(help="node -> bool; False leaves the node alone.", metavar="MODULE:FUNCTION")
+    filter_fn: Any = option(help="node -> bool; False leaves the node alone.", metavar="MODULE:FUNCTION", code=True)
 
     def __post_init__(self):
         self.only, self.skip = tuple(self.only), tuple(self.skip)
@@ -45,10 +45,10 @@ class RecoverOptions:
     calibration: Any = option(help="Inputs keyed by graph input name: data-aware factors / refit of binarized "
                                    "layers.", metavar="FILE.npz", path=True)
     train_hook: Any = option(help="function(model, **hook_args) -> model: fine-tunes the transformed model "
-                                  "(values only).", metavar="MODULE:FUNCTION")
+                                  "(values only).", metavar="MODULE:FUNCTION", code=True)
     hook_arg: tuple = option(help="Keyword argument for --train-hook.", metavar="KEY=VALUE", repeat=True)
     train_cmd: str | None = option(help="External trainer, e.g. \"python train.py {input} {output}\": gets the "
-                                        "transformed model, writes the trained one.", metavar="COMMAND")
+                                        "transformed model, writes the trained one.", metavar="COMMAND", code=True)
     train_timeout: float | None = option(help="Stop --train-hook / --train-cmd after SECONDS (exit 1, nothing "
                                               "written).", metavar="SECONDS", kind=float)
 
@@ -219,12 +219,17 @@ def _fraction_or_none(value, flag: str) -> None:
         raise UsageError(f"invalid {flag} {value}: give a fraction in [0, 1]")
 
 
+ALLOW_CODE_HELP = ("Let the recipe set keys that run code (train_cmd, train_hook, filter_fn, factor_fn, "
+                   "projection_fn): such a recipe is a program, run it only if you trust it.")
+
+
 @dataclass
 class ApplyOptions:
     """`apply`: a recipe's steps, then its gates."""
 
     recipe: Any = option(help="The recipe.", metavar="RECIPE.toml", argument=True)
     model_path: Any = option(help="The model the recipe runs on.", metavar="MODEL", argument=True)
+    allow_code: bool = option(False, ALLOW_CODE_HELP)
 
 
 @dataclass
@@ -247,12 +252,14 @@ class SweepOptions:
                                           "with only that layer changed (Distiller's sensitivity analysis).",
                                      metavar="STEP.OPTION=V1,V2,...")
     recipe: Any = option(help="The steps the grid varies (default: the grid's commands).", metavar="RECIPE.toml")
+    allow_code: bool = option(False, ALLOW_CODE_HELP)
     jobs: int = option(1, "Candidates built in parallel.", metavar="N", kind=int)
     ray: str | None = option(help="Run the candidates as Ray tasks on the cluster at ADDRESS (host:port, 'auto', or "
                                   "'local' to start one here); needs onnxopt[ray].", metavar="ADDRESS")
     keep_best: Any = option(help="Write the Pareto front's models here (front_0.onnx, ...).", metavar="DIR")
     report: Any = option(help="A self-contained HTML page with the table and charts (needs matplotlib: "
                               "onnxopt[report]).", metavar="FILE.html")
+    force: bool = option(False, "Replace an existing --report file and --keep-best models.")
 
     def __post_init__(self):
         if bool(self.grid) == bool(self.sensitivity):

@@ -46,16 +46,21 @@ def _typed(value: Any, fld: dataclasses.Field, where: str, base: Path) -> Any:
     return str(base / value) if fld.metadata.get("path") else value
 
 
-def _table(values: dict, allowed: dict[str, dataclasses.Field], where: str, base: Path) -> dict[str, Any]:
+def _table(values: dict, allowed: dict[str, dataclasses.Field], where: str, base: Path,
+           allow_code: bool = False) -> dict[str, Any]:
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise UsageError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(allowed))})")
+    code = [k for k in values if allowed[k].metadata.get("code")]
+    if code and not allow_code:  # a recipe is a file users share: running what it names needs the user's word
+        raise UsageError(f"{where}: '{code[0]}' runs code (a module to import or a shell command); pass "
+                         "--allow-code (allow_code=True) if you trust this recipe")
     return {k: _typed(v, allowed[k], where, base) for k, v in values.items()}
 
 
-def load(path: str | Path) -> Recipe:
+def load(path: str | Path, allow_code: bool = False) -> Recipe:
     """Read and validate a recipe: every step's options are parsed as the command would parse them, so a bad
-    recipe fails before the model is read."""
+    recipe fails before the model is read. Keys that run code are refused unless `allow_code`."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -84,7 +89,7 @@ def load(path: str | Path) -> Recipe:
             raise UsageError(f"{where}: 'run' must name a command ({', '.join(COMMANDS)}), got {command!r}")
         groups = [g for g in registry.command(command).groups if g not in STEP_EXCLUDED]
         options = _table({k: v for k, v in table.items() if k != "run"}, _fields(groups), f"{where} ({command})",
-                         base)
+                         base, allow_code)
         # parsed with the gate's options, as the step runs: a search (budget=auto) reads the gate's data
         _prefixed(lambda: registry.parse(command, {**options, **gate}), f"{where} ({command})")
         steps.append((command, options))

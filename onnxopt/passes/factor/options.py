@@ -32,8 +32,8 @@ class FactorOptions:
     energy: float | None = option(help="Smallest rank keeping share E of the sum of squared singular values.",
                                   metavar="E", kind=float)
     rank_for: tuple = option(help="Per-layer rank; first match wins (repeatable).", metavar="PATTERN=R", repeat=True)
-    projection_fn: Any = option(help="W (m x n numpy array) -> rank k.", metavar="MODULE:FUNCTION")
-    factor_fn: Any = option(help="(W, k) -> (U, V), replacing the SVD.", metavar="MODULE:FUNCTION")
+    projection_fn: Any = option(help="W (m x n numpy array) -> rank k.", metavar="MODULE:FUNCTION", code=True)
+    factor_fn: Any = option(help="(W, k) -> (U, V), replacing the SVD.", metavar="MODULE:FUNCTION", code=True)
     conv_mode: str = option("auto", "How convs are factored: channel (kxk conv to k channels, then 1x1), tucker "
                                     "(1x1, kxk core, 1x1), spatial (kx1 then 1xk), or auto: per layer the one with "
                                     "the lowest weight error at the channel mode's size.",

@@ -1,0 +1,209 @@
+"""The hostile review's attacks (issue 28) that are not about one module: bad labels, oversized data members,
+outputs landing on inputs, code in recipes. Each failed before its fix."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS, assert_clean_refusal, run_cli, sha256
+
+
+def _with_labels(tmp_path, labels):
+    data = dict(np.load(MODELS / "mlp_test.npz"))
+    data["label"] = labels
+    path = tmp_path / "bad_labels.npz"
+    np.savez(path, **data)
+    return path
+
+
+@pytest.mark.parametrize("make, text", [
+    (lambda n: np.array(["cat"] * n), "labels must be integer class indices, got <U3"),
+    (lambda n: np.full(n, np.nan), "labels must be integer class indices, got NaN"),
+    (lambda n: np.full(n, 0.5), "fractional"),
+    (lambda n: np.full(n, 10), "labels must be class indices in 0..9"),
+    (lambda n: np.full(n, -1), "labels must be class indices in 0..9"),
+])
+def test_labels_that_are_not_class_indices_are_usage_errors(tmp_path, make, text):
+    """String or NaN labels scored both models 0.0, so `--max-drop` passed and a rank-0.01 model was written."""
+    n = len(np.load(MODELS / "mlp_test.npz")["label"])
+    data = _with_labels(tmp_path, make(n))
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli("factor", MODELS / "mlp.onnx", "--rank", "0.01", "--data", data, "--max-drop", "0.01",
+                           "-o", out)
+    assert code == 2 and text in err, err
+    assert_clean_refusal(code, err)
+    assert not out.exists()
+
+
+def test_integral_float_labels_are_the_same_classes(tmp_path):
+    labels = np.load(MODELS / "mlp_test.npz")["label"]
+    data = _with_labels(tmp_path, labels.astype(np.float64))
+    code, out, err = run_cli("compare", MODELS / "mlp.onnx", MODELS / "mlp.onnx", "--data", data)
+    assert code == 0, err
+
+
+def test_unused_npz_members_are_not_read(tmp_path):
+    """An .npz with a 1 GiB member no input names: only the inputs' members are read (6.35 GB RSS before)."""
+    import subprocess
+    import sys
+
+    data = dict(np.load(MODELS / "mlp_test.npz"))
+    path = tmp_path / "big.npz"
+    np.savez(path, **data, unused=np.zeros(1 << 27))  # 1 GiB of float64, uncompressed
+    script = ("import sys; from onnxopt.measure.feeds import load_feeds; import onnx; "
+              "load_feeds(sys.argv[1], onnx.load(sys.argv[2])); "  # VmHWM: ru_maxrss carries the parent's over exec
+              "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
+    result = subprocess.run([sys.executable, "-c", script, str(path), str(MODELS / "mlp.onnx")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 300 * 1024, f"max RSS {int(result.stdout) // 1024} MB"  # kB: 48 MB now, 1072 MB before
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train_cmd", '"touch {output}.pwned {input} {output}"'),
+    ("factor_fn", '"planted:factor"'),
+    ("filter_fn", '"planted:keep"'),
+])
+def test_recipe_keys_that_run_code_need_allow_code(tmp_path, monkeypatch, key, value):
+    """A recipe is a file users share: `train_cmd` ran a shell command and `*_fn` keys imported a module from the
+    current directory. Without --allow-code: one line naming the key, exit 2, nothing run or written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "planted.py").write_text("open('imported', 'w').close()\nkeep = lambda node: True\n"
+                                         "def factor(w, k):\n    raise SystemExit(9)\n")
+    recipe = tmp_path / "shared.toml"
+    recipe.write_text(f'[[step]]\nrun = "factor"\nrank = 0.5\n{key} = {value}\n')
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli("apply", recipe, MODELS / "mlp.onnx", "-o", out)
+    assert code == 2 and f"'{key}' runs code" in err and "--allow-code" in err, err
+    assert_clean_refusal(code, err)
+    assert not out.exists() and not (tmp_path / "imported").exists()
+    assert not list(tmp_path.glob("*.pwned"))
+
+
+def test_allow_code_lets_a_trusted_recipe_run_its_hook(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "planted.py").write_text("keep = lambda node: node.name != 'out'\n")
+    recipe = tmp_path / "trusted.toml"
+    recipe.write_text('[[step]]\nrun = "factor"\nrank = 0.5\nfilter_fn = "planted:keep"\n')
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli("apply", recipe, MODELS / "mlp.onnx", "-o", out, "--allow-code")
+    assert code == 0 and out.exists(), err
+
+
+# ---- every output through the same check -------------------------------------------------------------------
+
+def _copies(tmp_path):
+    import shutil
+
+    model, data = tmp_path / "mlp.onnx", tmp_path / "test.npz"
+    shutil.copy(MODELS / "mlp.onnx", model)
+    shutil.copy(MODELS / "mlp_test.npz", data)
+    return model, data
+
+
+SMALL_GRID = ["--grid", "factor.rank=0.3,0.5"]
+
+
+@pytest.mark.parametrize("target", ["model", "data", "other"])
+@pytest.mark.parametrize("mode", [SMALL_GRID, ["--sensitivity", "factor.rank=0.5"]])
+def test_sweep_report_never_replaces_inputs_and_needs_force(tmp_path, target, mode):
+    """`sweep --report FILE` (and `--sensitivity --report`) replaced anything, the input model and data
+    included, without --force."""
+    model, data = _copies(tmp_path)
+    other = tmp_path / "page.html"
+    other.write_text("mine")
+    path = {"model": model, "data": data, "other": other}[target]
+    before = sha256(path)
+    for force in ([], ["--force"]):
+        code, _, err = run_cli("sweep", model, "--data", data, *mode, "--report", path, *force)
+        if target == "other" and force:
+            break
+        assert_clean_refusal(code, err)
+        assert ("input" in err) if target != "other" else ("exists; pass --force" in err), err
+        assert sha256(path) == before
+
+
+def test_keep_best_never_overwrites_its_own_input(tmp_path):
+    """`sweep D/front_0.onnx --keep-best D` overwrote its own input, even when it then failed."""
+    model, data = _copies(tmp_path)
+    folder = tmp_path / "best"
+    folder.mkdir()
+    front = folder / "front_0.onnx"
+    model.rename(front)
+    before = sha256(front)
+    for force in ([], ["--force"]):
+        code, _, err = run_cli("sweep", front, "--data", data, *SMALL_GRID, "--keep-best", folder, *force)
+        assert_clean_refusal(code, err)
+        assert "is an input of this run" in err, err
+    assert sha256(front) == before
+
+
+def test_keep_best_into_a_read_only_folder_fails_before_the_work(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    model, data = _copies(tmp_path)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        code, _, err = run_cli("sweep", model, "--data", data, *SMALL_GRID, "--keep-best", folder)
+    finally:
+        folder.chmod(0o755)
+    assert_clean_refusal(code, err)
+    assert "cannot write here" in err and not list(folder.iterdir())
+
+
+def test_keep_best_under_a_file_fails_before_the_work(tmp_path):
+    model, data = _copies(tmp_path)
+    code, _, err = run_cli("sweep", model, "--data", data, *SMALL_GRID, "--keep-best", data / "best")
+    assert_clean_refusal(code, err)
+    assert "cannot write here" in err
+
+
+def test_keep_best_writes_all_or_nothing(tmp_path, monkeypatch):
+    """A write failing after the first front model (a full disk) leaves the folder as it was."""
+    import onnx
+
+    from onnxopt.graph import io
+
+    model, data = _copies(tmp_path)
+    folder = tmp_path / "best"
+    real, calls = onnx.save_model, []
+
+    def full_disk(proto, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(proto, path, *args, **kwargs)
+
+    monkeypatch.setattr(io.onnx, "save_model", full_disk)
+    code, _, err = run_cli("sweep", model, "--data", data, "--grid", "factor.rank=0.05,0.3,0.6,1.0",
+                           "--keep-best", folder)
+    assert_clean_refusal(code, err)
+    assert "nothing was written" in err and len(calls) == 2, err
+    assert not list(folder.iterdir())
+
+
+def test_keep_best_refuses_existing_fronts_without_force(tmp_path):
+    model, data = _copies(tmp_path)
+    folder = tmp_path / "best"
+    folder.mkdir()
+    (folder / "front_0.onnx").write_text("an earlier sweep's")
+    code, _, err = run_cli("sweep", model, "--data", data, *SMALL_GRID, "--keep-best", folder)
+    assert code == 2 and "front_0.onnx: exists; pass --force" in err, err
+    code, _, err = run_cli("sweep", model, "--data", data, *SMALL_GRID, "--keep-best", folder, "--force")
+    assert code == 0, err
+    onnx_files = sorted(p.name for p in folder.iterdir())
+    assert onnx_files and all(name.startswith("front_") for name in onnx_files)
+
+
+@pytest.mark.parametrize("target", ["model", "data"])
+def test_run_output_never_replaces_an_input(tmp_path, target):
+    """`run -o MODEL --force` replaced the model by an npz."""
+    model, data = _copies(tmp_path)
+    path = model if target == "model" else data
+    before = sha256(path)
+    code, _, err = run_cli("run", model, "--data", data, "-o", path, "--force")
+    assert_clean_refusal(code, err)
+    assert "input" in err and sha256(path) == before
