@@ -207,3 +207,77 @@ def test_run_output_never_replaces_an_input(tmp_path, target):
     code, _, err = run_cli("run", model, "--data", data, "-o", path, "--force")
     assert_clean_refusal(code, err)
     assert "input" in err and sha256(path) == before
+
+
+# ---- the .onnx and .data pair as one unit --------------------------------------------------------------
+
+DELAYED_WRITE = """
+import os, signal, sys, time
+from onnxopt.graph import io
+real = os.replace
+def delayed(src, dst):
+    if str(dst).endswith(".onnx"):  # the data file is in place; the .onnx rename comes late (or never)
+        if sys.argv[3] == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(float(sys.argv[4]))
+    return real(src, dst)
+io.os.replace = delayed
+from onnxopt.cli import main
+main(["factor", sys.argv[1], "--rank", sys.argv[2], "-o", sys.argv[5], "--external-data", "--force"])
+"""
+
+
+def _write(rank, out, mode="sleep", delay=0.0):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", DELAYED_WRITE, str(MODELS / "mlp.onnx"), rank, mode, str(delay),
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _outputs(path):
+    import onnxopt
+
+    x = np.load(MODELS / "mlp_test.npz")["input"][:64]
+    return onnxopt.run(onnxopt.load_model(path), {"input": x})
+
+
+def test_two_writers_racing_leave_one_consistent_pair(tmp_path):
+    """Two `--external-data --force` writers of the same path, the first one's .onnx rename delayed past the
+    second's whole write: the file left is one writer's model with that writer's data (before: A's tensors
+    with B's data, a model that loaded and scored 0.149)."""
+    out = tmp_path / "m.onnx"
+    a = _write("0.3", out, delay=4.0)
+    import time
+
+    time.sleep(2.0)  # A has written its data and waits before renaming its .onnx
+    b = _write("0.9", out)
+    assert b.wait(timeout=300) == 0 and a.wait(timeout=300) == 0, a.stderr.read() + b.stderr.read()
+    got = _outputs(out)
+    wants = [_outputs_of_rank(tmp_path, rank) for rank in ("0.3", "0.9")]
+    assert any(all(np.array_equal(got[k], want[k]) for k in got) for want in wants)
+    referenced = {p.name for p in tmp_path.glob("m.onnx.*.data")}
+    assert referenced  # the .onnx's data is there; an orphan of the losing writer may be, never a torn pair
+
+
+def _outputs_of_rank(tmp_path, rank):
+    import onnxopt
+
+    model, _ = onnxopt.factor(MODELS / "mlp.onnx", rank=rank)
+    x = np.load(MODELS / "mlp_test.npz")["input"][:64]
+    return onnxopt.run(model, {"input": x})
+
+
+def test_sigterm_between_the_two_renames_leaves_the_old_pair(tmp_path):
+    """SIGTERM after the data file is in place, before the .onnx rename: the .onnx that was there still loads
+    with its own data and outputs (before: an .onnx that no longer loaded); the new data file is removed."""
+    out = tmp_path / "m.onnx"
+    first = _write("0.5", out)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    before = _outputs(out)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stopped = _write("0.2", out, mode="term")
+    assert stopped.wait(timeout=300) == 143, stopped.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    after = _outputs(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)

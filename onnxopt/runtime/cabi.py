@@ -251,17 +251,59 @@ def _cache_dir() -> Path:
     return Path(folder) if folder else Path.home() / ".cache" / "onnxopt"
 
 
+def unsafe_because(path: Path) -> str | None:
+    """Why native code under `path` could have been planted by another local user, or None: `path` must be
+    ours and writable by nobody else, and each folder above it ours or root's, and not writable by others
+    unless sticky (like /tmp, where others cannot rename our entries)."""
+    uid = os.getuid()
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if os.path.islink(path) or info.st_uid != uid or info.st_mode & 0o022:
+        return f"{path} is a link, not owned by you, or writable by group or others"
+    for folder in Path(os.path.realpath(path)).parents:
+        st = os.stat(folder)
+        if st.st_uid not in (0, uid) or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
+            return f"{folder} (above {path}) is writable by others or not owned by you or root"
+    return None
+
+
+def _private_cache() -> Path:
+    """The cache folder, made private (0700) if new; a folder another user could write into is not used: the
+    library is then built in a fresh temporary folder for this process (~1 s more), with one warning."""
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = unsafe_because(folder)
+    except OSError as exc:
+        problem = f"{folder}: {exc.strerror}"
+    if problem is None:
+        return folder
+    print(f"onnxopt: warning: not using the kernel cache ({problem}); building in a private temporary folder",
+          file=sys.stderr)
+    return Path(tempfile.mkdtemp(prefix="onnxopt-shim-"))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _build() -> Path:
-    """The compiled library, built once per source text and compiler."""
+    """The compiled library, built once per source text and compiler, loaded only from a private folder and only
+    if it is the file this package built there (its sha256 is recorded beside it at build time)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) on PATH")
     digest = hashlib.sha256(SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"ortshim-{digest}.so"
-    if target.exists():
-        return target
+    folder = _private_cache()
+    target, record = folder / f"ortshim-{digest}.so", folder / f"ortshim-{digest}.so.sha256"
+    try:
+        if unsafe_because(target) is None and unsafe_because(record) is None and \
+                record.read_text().strip() == _file_digest(target):
+            return target
+    except OSError:
+        pass  # not built yet (or half): build it
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as tmp:
         pass
     result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp.name, str(SOURCE)],
@@ -269,7 +311,11 @@ def _build() -> Path:
     if result.returncode != 0:
         os.unlink(tmp.name)
         raise OSError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+    os.chmod(tmp.name, 0o700)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".sha256", delete=False) as note:
+        note.write(_file_digest(Path(tmp.name)))
     os.replace(tmp.name, target)  # atomic: a concurrent process sees the old or the whole new file
+    os.replace(note.name, record)
     return target
 
 

@@ -167,3 +167,53 @@ def test_version_says_which_path(library):
 
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("onnxopt ") and f"C ABI ({library})" in r.stdout, r.stderr
+
+
+PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("PLANTED_MARK"), "w");
+    if (f) { fputs("ran as the victim", f); fclose(f); }
+}
+"""
+
+
+def _plant(folder, tmp_path):
+    """A library with a constructor, under the name the cache would look up."""
+    import shutil
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    digest = __import__("hashlib").sha256(cabi.SOURCE.read_bytes() + compiler.encode()).hexdigest()[:16]
+    (tmp_path / "planted.c").write_text(PLANTED)
+    target = folder / f"ortshim-{digest}.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(target), str(tmp_path / "planted.c")], check=True)
+    return target
+
+
+@pytest.mark.parametrize("setup", ["world_writable", "other_owner", "no_record"])
+def test_a_planted_library_in_the_cache_never_runs(library, tmp_path, setup):
+    """The C shim was loaded from the cache whenever a file of the predictable name was there: another local user
+    who could write the cache folder ran code in the victim's process. Now the folder (and those above it) must
+    be the user's and not writable by others, and the file must match the digest recorded when it was built."""
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    target = _plant(folder, tmp_path)
+    if setup == "world_writable":
+        folder.chmod(0o777)
+    elif setup == "other_owner":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give the folder to another user")
+        os.chown(folder, 65534, 65534)
+        os.chown(target, 65534, 65534)
+    mark = tmp_path / "mark"
+    env = {**os.environ, "ONNXOPT_CACHE_DIR": str(folder), "PLANTED_MARK": str(mark)}
+    code = "from onnxopt.runtime import cabi; print(cabi.path())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert not mark.exists(), "the planted library ran"
+    assert out.stdout.startswith("C ABI"), out.stdout + out.stderr  # our own build still serves
+    if setup != "no_record":
+        assert "not using the kernel cache" in out.stderr and "writable by" in out.stderr, out.stderr
+    else:
+        assert f"C ABI ({target})" in out.stdout  # rebuilt in place: the recorded digest is ours now
