@@ -2,4 +2,5 @@ from __future__ import annotations
 
 from .cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned sweep worker imports the main module
+    main()

@@ -281,3 +281,68 @@ def test_sigterm_between_the_two_renames_leaves_the_old_pair(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == files
     after = _outputs(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+# ---- sweep processes ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_of_a_lowered_model_with_two_jobs(tmp_path):
+    """Workers forked after onnxruntime/numba started OpenMP threads aborted ('fork() called from a process
+    already using GNU OpenMP', exit 143); they start from a clean forkserver now."""
+    import onnxopt
+
+    lowered = tmp_path / "cnn_bin.onnx"
+    onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], output=lowered)
+    code, out, err = run_cli("sweep", lowered, "--data", MODELS / "cnn_test.npz", "--grid",
+                             "factor.rank=0.3,0.6", "--jobs", "2")
+    assert code == 0, err
+    code, out, err = run_cli("sweep", lowered, "--data", MODELS / "cnn_test.npz", "--sensitivity",
+                             "factor.rank=0.5")
+    assert code == 0, err
+
+
+def test_grids_are_capped(tmp_path):
+    values = ",".join(str(v / 1000) for v in range(1, 102))
+    code, _, err = run_cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", "--grid",
+                           f"factor.rank={values}", "--grid", f"quantize.per_channel={','.join(['true'] * 100)}")
+    assert code == 2 and "10,100 candidates, over the limit of 10,000" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_sweep_at_once(tmp_path, sig):
+    """SIGTERM or SIGINT to a sweep waited for the whole queue (8 minutes after the signal on a large one): it
+    stops now, its workers with it, and writes nothing. The bound asserted is loose (30 s, against minutes) so
+    that a busy machine does not fail it; the figure measured is printed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    values = ",".join(str(v / 100) for v in range(1, 100))
+    report, best = tmp_path / "page.html", tmp_path / "best"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxopt", "sweep", str(MODELS / "mlp.onnx"), "--data",
+                             str(MODELS / "mlp_test.npz"), "--grid", f"factor.rank={values}", "--jobs", "2",
+                             "--keep-best", str(best), "--report", str(report), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, the reference scored, workers started on the queue
+    assert proc.poll() is None, proc.stderr.read()
+    start = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=120)
+    took = time.monotonic() - start
+    print(f"\n{sig}: the sweep stopped {took:.1f} s after the signal")
+    assert proc.returncode in (130, 143), proc.stderr.read()
+    assert took < 30
+    assert not report.exists() and not (best.exists() and list(best.iterdir()))
+    leftover = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver|multiprocessing.spawn"],
+                              capture_output=True, text=True).stdout.split()
+    time.sleep(1)
+    assert not [pid for pid in leftover if _parent_is(pid, proc.pid)]
+
+
+def _parent_is(pid: str, parent: int) -> bool:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().split(")")[-1].split()[1]) == parent
+    except OSError:
+        return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import itertools
 from dataclasses import dataclass, field
 
@@ -55,7 +56,16 @@ def parse_grid(specs: list[str]) -> list[Axis]:
         axes.append(Axis(step, option, [coerce(v, fields[option], where, from_text=True) for v in values.split(",")]))
     if not axes:
         raise UsageError("give at least one --grid STEP.OPTION=V1,V2,...")
+    check_count(math.prod(len(a.values) for a in axes), "the grid")
     return axes
+
+
+MAX_CANDIDATES = 10_000  # each builds and scores a model: more is a typo (or an attack), not a plan
+
+
+def check_count(count: int, what: str) -> None:
+    if count > MAX_CANDIDATES:
+        raise UsageError(f"{what} has {count:,} candidates, over the limit of {MAX_CANDIDATES:,}: give fewer values")
 
 
 def candidates(axes: list[Axis], base: list[tuple[str, dict]] | None, gate: dict) -> list[dict]:
@@ -167,6 +177,7 @@ def sensitivity(source: onnx.ModelProto, data, axis: Axis, *, labels: str | None
     shared = (source.SerializeToString(), gate, scoring_arrays(scorer, labels))
     probe = run_candidate(*shared, [(axis.step, {axis.option: axis.values[0]})])
     jobs_list = [(layer["name"], value) for layer in probe["layers"] for value in axis.values]
+    check_count(len(jobs_list), "the sensitivity analysis (layers x values)")
     done = execute(shared, [[(axis.step, {axis.option: value, "only": [layer]})] for layer, value in jobs_list],
                     jobs=jobs, ray=ray, progress=progress, label="sensitivity")
     rows = [{"layer": layer, "value": value[0] if isinstance(value, list) else value,

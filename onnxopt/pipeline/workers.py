@@ -3,7 +3,7 @@ arrays and one candidate's steps.
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
 
 import onnx
 
@@ -15,9 +15,23 @@ def execute(shared: tuple, each_steps: list, *, jobs: int, ray: str | None, prog
     `jobs` workers, or as Ray tasks on the cluster at `ray` (an address, or 'auto')."""
     if ray is not None:
         return execute_on_ray(shared, each_steps, ray, progress, label)
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_candidate, *shared, steps) for steps in each_steps]
-        return [f.result() for f in (progress(futures, label) if progress else futures)]
+    # Workers are not forked from this process: after onnxruntime or numba started their OpenMP threads a forked
+    # child aborts ('fork() called from a process already using GNU OpenMP'). The forkserver forks them from a
+    # clean server process (spawn where there is none).
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(max(1, jobs))
+    try:
+        pending = [pool.apply_async(run_candidate, (*shared, steps)) for steps in each_steps]
+        done = (p.get() for p in pending)  # in order: the bar moves as the oldest unfinished candidate ends
+        results = list(progress(done, label) if progress else done)
+    except BaseException:
+        # a signal (SIGTERM, Ctrl-C) or a failed candidate: stop now, not after the queue (which took minutes)
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+    return results
 
 
 def _check_reachable(address: str) -> None:
