@@ -271,6 +271,27 @@ def test_oversized_folded_weight_is_refused(tmp_path):
     assert code == 1 and "folds constants up to" in err and rss < 600
 
 
+def test_a_chain_of_folds_is_bounded_in_all(tmp_path):
+    """ConstantOfShape 4096² then 40 Casts feeding a weight: each fold was bounded alone, so a 1.3 KB model took
+    4.1 GB and 74 s. The total is bounded now: refused at the cap, peak RSS measured."""
+    shape = numpy_helper.from_array(np.array([4096, 4096], np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["c0"], value=numpy_helper.from_array(
+        np.ones(1, np.float32), "fill"))]
+    for i in range(40):
+        to = onnx.TensorProto.DOUBLE if i % 2 == 0 else onnx.TensorProto.FLOAT
+        nodes.append(helper.make_node("Cast", [f"c{i}"], [f"c{i + 1}"], to=to))
+    nodes.append(helper.make_node("MatMul", ["x", "c40"], ["y"], name="mm"))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4096])], [shape])
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    assert path.stat().st_size < 2000
+    code, rss, err = _peak_rss_mb(["factor", path, "--rank", "0.5", "-o", tmp_path / "f.onnx"])
+    print(f"\nfold chain: exit {code}, peak RSS {rss:.0f} MB")
+    assert code == 1 and "folds constants up to" in err and "in all" in err, err
+    assert rss < 1800
+
+
 # ---- 6. signals, timeouts, process groups ---------------------------------------------------------------
 
 def _alive(pid: int) -> bool:

@@ -346,3 +346,18 @@ def _parent_is(pid: str, parent: int) -> bool:
         return int(open(f"/proc/{pid}/stat").read().split(")")[-1].split()[1]) == parent
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("command", [["factor", "--rank", "0.3"], ["quantize"]])
+def test_nan_in_calibration_data_names_the_input(tmp_path, bad, command):
+    """NaN/Inf in calibration data: 'internal error: LinAlgError' before."""
+    data = dict(np.load(MODELS / "mlp_calib.npz"))
+    data["input"] = data["input"].copy()
+    data["input"][3, 5] = bad
+    path = tmp_path / "calib.npz"
+    np.savez(path, **data)
+    code, _, err = run_cli(*command[:1], MODELS / "mlp.onnx", *command[1:], "--calibration", path,
+                           "-o", tmp_path / "out.onnx")
+    assert_clean_refusal(code, err)
+    assert "calibration input 'input' has NaN or infinite values" in err, err

@@ -43,6 +43,9 @@ def load_calibration(source, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     sizes = {len(v) for v in feeds.values()}
     if len(sizes) != 1 or 0 in sizes:
         raise OnnxoptError(f"{path}: calibration arrays must share one non-empty first (sample) dimension")
+    for name, array in feeds.items():  # NaN/Inf reach the Gram matrices and LAPACK fails far from the cause
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise OnnxoptError(f"{path}: calibration input '{name}' has NaN or infinite values")
     return feeds
 
 
