@@ -2,6 +2,8 @@
 outputs landing on inputs, code in recipes. Each failed before its fix."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import MODELS, assert_clean_refusal, run_cli, sha256
@@ -361,3 +363,42 @@ def test_nan_in_calibration_data_names_the_input(tmp_path, bad, command):
                            "-o", tmp_path / "out.onnx")
     assert_clean_refusal(code, err)
     assert "calibration input 'input' has NaN or infinite values" in err, err
+
+
+RO_SCRIPT = """
+set -e
+mount --bind "$1" "$1"
+mount -o remount,bind,ro "$1"
+cd /
+HOME=/dev/null PYTHONPATH="$1" "$2" -m onnxopt --version
+HOME=/dev/null PYTHONPATH="$1" "$2" -m onnxopt run "$3" --data "$4"
+"""
+
+
+@pytest.mark.slow
+def test_read_only_install_with_an_unwritable_home(tmp_path):
+    """A read-only install and a HOME nobody can write: `--version` and running a lowered model failed with
+    'cannot cache function'. They run now, compiling into a temporary folder, with one warning each cache."""
+    import shutil
+    import subprocess
+    import sys
+
+    import onnxopt
+
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare and mount for a read-only bind mount")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no mount namespace here (needs root)")
+    install = tmp_path / "install"
+    shutil.copytree(Path(onnxopt.__file__).parent, install / "onnxopt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    lowered = tmp_path / "cnn_bin.onnx"
+    onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], output=lowered)
+    data = tmp_path / "x.npz"
+    np.savez(data, input=np.load(MODELS / "cnn_test.npz")["input"][:4])
+    result = subprocess.run(["unshare", "-m", "sh", "-c", RO_SCRIPT, "sh", str(install), sys.executable,
+                             str(lowered), str(data)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "onnxopt 0.1" in result.stdout and "shape [4, 10]" in result.stdout, result.stdout
+    assert "no writable numba cache" in result.stderr and "cannot cache" not in result.stderr

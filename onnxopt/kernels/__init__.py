@@ -11,6 +11,34 @@ AVX2_ONLY_ENV = {
 }
 
 
+def ensure_numba_cache() -> None:
+    """numba caches compiled kernels beside their source or in ~/.cache/numba; where neither is writable (a
+    read-only install, an unwritable HOME) every `cache=True` function failed with 'cannot cache function'. Then
+    numba is pointed at a fresh temporary folder (compiled again per process), with one warning. Runs when this
+    package is imported, before any kernel module is decorated."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    try:  # numba's cache layout is not public API: if it moves, numba's own behaviour stays
+        from numba.core import config
+        from numba.core.caching import CacheImpl
+
+        source = str(Path(__file__).resolve().with_name("geometry.py"))
+        if any(cls.from_function(ensure_numba_cache, source) for cls in CacheImpl._locator_classes):
+            return
+        config.CACHE_DIR = tempfile.mkdtemp(prefix="onnxopt-numba-")
+        os.environ["NUMBA_CACHE_DIR"] = config.CACHE_DIR  # for worker processes too
+        print(f"onnxopt: warning: no writable numba cache (install folder and HOME read-only); compiled kernels "
+              f"go to {config.CACHE_DIR} for this run", file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+ensure_numba_cache()
+
+
 def drop_stale_numba_caches() -> None:
     """numba keys a cached function on its own file's timestamp only, so a cached function keeps running the
     callees it was compiled with after their file changed (kernels/multibit.py, kernels/chain.py and the C entry
