@@ -13,6 +13,7 @@ from onnx import helper
 
 from ...graph import schemas as ops
 from ...graph.context import GraphContext
+from ...graph.nodes import node_attributes
 from ...kernels.geometry import Geometry, geometry_problem
 from ...report import LayerReport
 from ..rules import Rewrite, Rule
@@ -134,16 +135,39 @@ def rules() -> dict:
             (ops.DOMAIN, ops.MULTIBIT_CONV): MultibitToStandard()}
 
 
-def emulated_parts(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict | None:
-    """X, W, alpha, bias tensor names and the Conv node of an emulated BinaryConv ending in `node`."""
+def emulated_parts(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], constant) -> dict | None:
+    """X, W, alpha, bias tensor names and the Conv node of an emulated BinaryConv ending in `node`, or None unless
+    every node and constant of the pattern is as BinaryConvToStandard wrote it: the marker alone let an edited
+    model (a flipped comparison, other Where values) lower to a different function (3.5% agreement)."""
     if node.op_type != "Add" or node.doc_string != MARKER:
         return None
-    try:
-        mul, bias_reshape = producers[node.input[0]], producers[node.input[1]]
-        conv, alpha_reshape = producers[mul.input[0]], producers[mul.input[1]]
-        x_where, w_where = producers[conv.input[0]], producers[conv.input[1]]
-        x_gt, w_gt = producers[x_where.input[0]], producers[w_where.input[0]]
-    except KeyError:
+
+    def made_by(tensor: str, op_type: str, inputs: int) -> onnx.NodeProto | None:
+        found = producers.get(tensor)
+        ok = found is not None and found.op_type == op_type and found.domain in ("", "ai.onnx") and \
+            len(found.input) == inputs
+        return found if ok else None
+
+    def equals(tensor: str, value) -> bool:
+        got = constant(tensor)
+        return got is not None and np.array_equal(np.asarray(got).reshape(-1), np.asarray(value).reshape(-1))
+
+    def sign_of(tensor: str) -> str | None:
+        where = made_by(tensor, "Where", 3)
+        gt = made_by(where.input[0], "Greater", 2) if where is not None else None
+        ok = gt is not None and equals(where.input[1], 1) and equals(where.input[2], -1) and equals(gt.input[1], 0)
+        return gt.input[0] if ok else None
+
+    mul, bias_reshape = made_by(node.input[0], "Mul", 2), made_by(node.input[1], "Reshape", 2)
+    conv = made_by(mul.input[0], "Conv", 2) if mul is not None else None
+    alpha_reshape = made_by(mul.input[1], "Reshape", 2) if mul is not None else None
+    if None in (bias_reshape, conv, alpha_reshape) or node_attributes(conv).get("group", 1) != 1:
         return None
-    return {"x": x_gt.input[0], "w": w_gt.input[0], "alpha": alpha_reshape.input[0], "bias": bias_reshape.input[0],
-            "conv": conv}
+    x, w = sign_of(conv.input[0]), sign_of(conv.input[1])
+    w_value = constant(w) if w is not None else None
+    if x is None or w_value is None:
+        return None
+    channel_shape = [1, -1] + [1] * (w_value.ndim - 2)  # α and bias along the output channels
+    if not (equals(alpha_reshape.input[1], channel_shape) and equals(bias_reshape.input[1], channel_shape)):
+        return None
+    return {"x": x, "w": w, "alpha": alpha_reshape.input[0], "bias": bias_reshape.input[0], "conv": conv}

@@ -87,7 +87,7 @@ class EmulatedRule(Rule):
         return node.doc_string == MARKER  # plain Adds are not candidates at all
 
     def check(self, node, ctx):
-        parts = emulated_parts(node, ctx.producers)
+        parts = emulated_parts(node, ctx.producers, ctx.constant)
         if parts is None:
             return "marked as emulated BinaryConv, but the pattern before it was changed"
         if any(ctx.constant(parts[role]) is None for role in ("w", "alpha", "bias")):
@@ -95,7 +95,7 @@ class EmulatedRule(Rule):
         return None
 
     def rewrite(self, node, ctx):
-        parts = emulated_parts(node, ctx.producers)
+        parts = emulated_parts(node, ctx.producers, ctx.constant)
         w = ctx.constant(parts["w"])
         name = ctx.name_of(node)
         if w.ndim not in (3, 4):
