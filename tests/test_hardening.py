@@ -271,6 +271,7 @@ def test_oversized_folded_weight_is_refused(tmp_path):
     assert code == 1 and "folds constants up to" in err and rss < 600
 
 
+@pytest.mark.slow
 def test_a_chain_of_folds_is_bounded_in_all(tmp_path):
     """ConstantOfShape 4096² then 40 Casts feeding a weight: each fold was bounded alone, so a 1.3 KB model took
     4.1 GB and 74 s. The total is bounded now: refused at the cap, peak RSS measured."""

@@ -43,6 +43,7 @@ def test_integral_float_labels_are_the_same_classes(tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_unused_npz_members_are_not_read(tmp_path):
     """An .npz with a 1 GiB member no input names: only the inputs' members are read (6.35 GB RSS before)."""
     import subprocess
@@ -105,6 +106,7 @@ def _copies(tmp_path):
 SMALL_GRID = ["--grid", "factor.rank=0.3,0.5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["model", "data", "other"])
 @pytest.mark.parametrize("mode", [SMALL_GRID, ["--sensitivity", "factor.rank=0.5"]])
 def test_sweep_report_never_replaces_inputs_and_needs_force(tmp_path, target, mode):
@@ -163,6 +165,7 @@ def test_keep_best_under_a_file_fails_before_the_work(tmp_path):
     assert "cannot write here" in err
 
 
+@pytest.mark.slow
 def test_keep_best_writes_all_or_nothing(tmp_path, monkeypatch):
     """A write failing after the first front model (a full disk) leaves the folder as it was."""
     import onnx
@@ -187,6 +190,7 @@ def test_keep_best_writes_all_or_nothing(tmp_path, monkeypatch):
     assert not list(folder.iterdir())
 
 
+@pytest.mark.slow
 def test_keep_best_refuses_existing_fronts_without_force(tmp_path):
     model, data = _copies(tmp_path)
     folder = tmp_path / "best"
@@ -244,6 +248,7 @@ def _outputs(path):
     return onnxopt.run(onnxopt.load_model(path), {"input": x})
 
 
+@pytest.mark.slow
 def test_two_writers_racing_leave_one_consistent_pair(tmp_path):
     """Two `--external-data --force` writers of the same path, the first one's .onnx rename delayed past the
     second's whole write: the file left is one writer's model with that writer's data (before: A's tensors
@@ -270,6 +275,7 @@ def _outputs_of_rank(tmp_path, rank):
     return onnxopt.run(model, {"input": x})
 
 
+@pytest.mark.slow
 def test_sigterm_between_the_two_renames_leaves_the_old_pair(tmp_path):
     """SIGTERM after the data file is in place, before the .onnx rename: the .onnx that was there still loads
     with its own data and outputs (before: an .onnx that no longer loaded); the new data file is removed."""

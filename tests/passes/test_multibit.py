@@ -44,6 +44,7 @@ def test_lowered_kernel_equals_the_definition(seed, kw, ka, c, o, case, batch):
         assert np.abs(got[n] - want[n]).max() <= 1e-5 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taps, pad", [(65, 32), (100, 50)])
 def test_long_conv1d_equals_the_definition(taps, pad):
     """Past 64 taps with padding (where an int64 padding mask wrapped): 2x2 bits, Conv1d."""

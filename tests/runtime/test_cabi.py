@@ -127,6 +127,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limit via /proc and RLIMIT_AS")
 def test_a_failed_allocation_in_the_kernel_is_an_error(library, tmp_path):
     """A 1.8 GB work buffer (under the bound) in a process limited to 600 MB more address space: the kernel's
@@ -191,6 +192,7 @@ def _plant(folder, tmp_path):
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", ["world_writable", "other_owner", "no_record"])
 def test_a_planted_library_in_the_cache_never_runs(library, tmp_path, setup):
     """The C shim was loaded from the cache whenever a file of the predictable name was there: another local user
