@@ -129,7 +129,12 @@ def _pattern_ids(k, d, stride, pad, size, out_size):
         _padded_taps(p * stride - pad, k, d, size, padded)
         found = -1
         for q in range(count):
-            if np.array_equal(patterns[q], padded):
+            same = True
+            for a in range(k):  # a plain loop: np.array_equal costs seconds of compile time
+                if patterns[q, a] != padded[a]:
+                    same = False
+                    break
+            if same:
                 found = q
                 break
         if found < 0:
@@ -138,6 +143,14 @@ def _pattern_ids(k, d, stride, pad, size, out_size):
             count += 1
         ids[p] = found
     return ids, patterns[:count]
+
+
+@njit(cache=True, nogil=True)
+def _count(padded):
+    n = 0
+    for v in padded:
+        n += v
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -165,9 +178,9 @@ def padding_terms(channels, taps_pop, sh, sw, pt, pl, dh, dw, h, w, oh, ow):
     patterns = np.empty(oh * ow, np.int64)
     count = 0
     for r in range(oh):
-        rows_valid = kh - np.int64(np.sum(row_masks[row_ids[r]]))
+        rows_valid = kh - _count(row_masks[row_ids[r]])
         for col in range(ow):
-            cols_valid = kw - np.int64(np.sum(col_masks[col_ids[col]]))
+            cols_valid = kw - _count(col_masks[col_ids[col]])
             base[r, col] = rows_valid * cols_valid * channels
             if row_ids[r] or col_ids[col]:
                 cols[count] = col
