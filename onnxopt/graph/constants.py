@@ -51,9 +51,8 @@ class Constants:
             if value is None:
                 return None
             inputs.append(value)
-        self._charge(_fold_bytes(node, inputs), name, node)
         try:
-            return _fold(node, inputs, name)
+            return _fold(node, inputs, lambda size: self._charge(size, name, node))
         except OnnxoptError:
             raise
         except Exception:  # a malformed constant is simply not a known constant
@@ -68,23 +67,8 @@ class Constants:
                                "bytes in all")
 
 
-def _fold_bytes(node: onnx.NodeProto, inputs: list[np.ndarray]) -> int:
-    """Bytes the fold of `node` allocates (0: a view or the file's own value)."""
-    attrs = node_attributes(node)
-    try:
-        if node.op_type == "ConstantOfShape":
-            fill = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
-            return int(np.prod([float(d) for d in inputs[0]])) * fill.dtype.itemsize
-        if node.op_type == "Cast":
-            return inputs[0].size * onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]).itemsize
-        if node.op_type == "Transpose":
-            return inputs[0].nbytes
-    except Exception:  # noqa: BLE001 - malformed: _fold declines it
-        return 0
-    return 0
-
-
-def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], name: str) -> np.ndarray | None:
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], charge) -> np.ndarray | None:
+    """The value of `node` over known `inputs`; `charge(bytes)` is called before each allocation."""
     attrs = node_attributes(node)
     if node.op_type == "Constant":
         if len(attrs) != 1:
@@ -94,11 +78,14 @@ def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], name: str) -> np.ndarr
     if node.op_type == "ConstantOfShape":
         fill = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
         shape = tuple(int(d) for d in inputs[0])
+        charge(int(np.prod(shape, dtype=np.float64)) * fill.dtype.itemsize)
         return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
     if node.op_type == "Identity":
         return inputs[0]
     if node.op_type == "Cast":
-        return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+        to = onnx.helper.tensor_dtype_to_np_dtype(attrs["to"])
+        charge(inputs[0].size * to.itemsize)
+        return inputs[0].astype(to)
     if node.op_type == "Reshape":
         return inputs[0].reshape(tuple(int(d) for d in inputs[1]))
     return np.transpose(inputs[0], attrs.get("perm"))

@@ -132,7 +132,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool =
     external_data = external_data or over_protobuf_limit(model)
     check_target(path, force, list(protected))
     check_model(model, what="output model")
-    stale = _own_data_files(path, protected) if external_data or path.exists() else []
+    stale = _own_data_files(path, protected)  # what the .onnx being replaced referenced
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder)
     except OSError as exc:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import onnx
