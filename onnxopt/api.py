@@ -25,11 +25,20 @@ Model = onnx.ModelProto | str | os.PathLike
 
 
 def _source(model: Model) -> tuple[onnx.ModelProto, list]:
+    """The model every command starts from (weights normalized: `Constant` tensors become initializers) and
+    the files it was read from."""
+    from .graph.constants import constants_as_initializers
     from .graph.io import load_model_and_files
 
+    model, files = (model, []) if isinstance(model, onnx.ModelProto) else load_model_and_files(model)
+    return constants_as_initializers(model), files
+
+
+def _given_bytes(model: Model, files: list) -> int:
+    """The input's size as the user measures it: its files on disk (the .onnx and its data), or the proto's."""
     if isinstance(model, onnx.ModelProto):
-        return model, []
-    return load_model_and_files(model)
+        return model.ByteSize()
+    return sum(os.path.getsize(f) for f in files)
 
 
 def run_command(name: str, model: Model, *, progress: Progress | None = None,
@@ -41,7 +50,8 @@ def run_command(name: str, model: Model, *, progress: Progress | None = None,
     source, protected = _source(model)
     check_input_shapes(source, groups[opt.ShapeOptions].shapes)
     protected = _inputs(protected, *_path_options(groups))
-    steps = commands.build(name, source, groups, protected=protected, progress=progress)
+    steps = commands.build(name, source, groups, protected=protected, progress=progress,
+                           given_bytes=_given_bytes(model, protected))
     return pipeline_steps.run(source, steps, Report(command=name))
 
 
@@ -95,10 +105,11 @@ def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None 
 
     loaded = recipes.load(recipe, allow_code=allow_code)
     save = opt.SaveOptions(output=output, force=force, external_data=external_data, strict=strict)
-    source, protected = _source(model)
+    source, files = _source(model)
     named = [v for _, options in loaded.steps for v in options.values()] + list(loaded.gate.values())
-    protected = _inputs(protected, recipe, *(v for v in named if isinstance(v, str)))  # the recipe's files
-    return commands.run_recipe(source, loaded, save, protected=protected, progress=progress)
+    protected = _inputs(files, recipe, *(v for v in named if isinstance(v, str)))  # the recipe's files
+    return commands.run_recipe(source, loaded, save, protected=protected, progress=progress,
+                               given_bytes=_given_bytes(model, files))
 
 
 def sweep(model: Model, data, grid, *, recipe=None, labels: str | None = None, jobs: int = 1, ray: str | None = None,

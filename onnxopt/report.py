@@ -100,22 +100,22 @@ class Report:
             shown = ", ".join(m["layers"][:4]) + (f", … ({len(m['layers'])} in all)" if len(m["layers"]) > 4 else "")
             lines.append(f"{m['flag']} '{m['pattern']}' matched {len(m['layers'])} layer"
                          f"{'s' if len(m['layers']) != 1 else ''}: {shown}")
+        if self.size:  # what the user measures first: the whole file, then the changed layers' share
+            z = self.size
+            unknown = " (+ layers of unknown size: --input-shape)" if z["flops_unknown_layers"] else ""
+            lines.append(f"model file: {_size(z['before'])} -> {_size(z['after'])} "
+                         f"({z['after'] / max(z['before'], 1):.1%}); weights {z['weights_before']:,} -> "
+                         f"{z['weights_after']:,} ({z['weights_after'] / max(z['weights_before'], 1):.1%}); float "
+                         f"FLOPs/sample {z['flops_before']:,} -> {z['flops_after']:,}{unknown}")
         if t["bytes_before"]:
-            lines.append(f"weights of changed layers: {_size(t['bytes_before'])} -> {_size(t['bytes_after'])} "
-                         f"({t['bytes_before'] / max(t['bytes_after'], 1):.1f}x smaller)")
+            lines.append(f"changed layers' weights, as their ops store them: {_size(t['bytes_before'])} -> "
+                         f"{_size(t['bytes_after'])}")
         if self.budget:
             lines += budget_table(self.budget)
         if self.finetune:
             lines += finetune_lines(self.finetune)
         if self.check:
             lines.append(format_check(self.check))
-        if self.size:
-            z = self.size
-            unknown = " (+ layers of unknown size: --input-shape)" if z["flops_unknown_layers"] else ""
-            lines.append(f"whole model: {z['weights_before']:,} -> {z['weights_after']:,} weights "
-                         f"({z['weights_after'] / max(z['weights_before'], 1):.1%}); float FLOPs/sample "
-                         f"{z['flops_before']:,} -> {z['flops_after']:,}{unknown}; model size: {_size(z['before'])} "
-                         f"-> {_size(z['after'])} ({z['after'] / max(z['before'], 1):.1%})")
         if self.latency:
             lines.append(format_latency(self.latency))
         return "\n".join(lines)

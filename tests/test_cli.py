@@ -184,7 +184,7 @@ def test_report_warns_on_large_errors_and_gives_whole_model_totals(tmp_path):
     code, out, err = run_cli("factor", MODELS / "mlp.onnx", "--rank", "1", "-o", tmp_path / "a.onnx")
     assert code == 0 and err.count("rel.err 0.9") == 3  # rank 1 keeps little of any layer: each one warned
     assert " 1/400 " in out  # rank shown against min(m, n)
-    assert "whole model: 396,210 -> 2,604 weights" in out and "float FLOPs/sample 791,200 -> 3,988" in out
+    assert "; weights 396,210 -> 2,604 (0.7%)" in out and "float FLOPs/sample 791,200 -> 3,988" in out
     code, out, err = run_cli("factor", MODELS / "mlp.onnx", "--rank", "0.5", "-o", tmp_path / "b.onnx")
     assert code == 0 and "rel.err" not in err
     report = onnxopt.factor(MODELS / "mlp.onnx", rank="0.5")[1].to_dict()

@@ -385,6 +385,7 @@ HOME=/dev/null PYTHONPATH="$1" "$2" -m onnxopt run "$3" --data "$4"
 def test_read_only_install_with_an_unwritable_home(tmp_path):
     """A read-only install and a HOME nobody can write: `--version` and running a lowered model failed with
     'cannot cache function'. They run now, compiling into a temporary folder, with one warning each cache."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -403,8 +404,9 @@ def test_read_only_install_with_an_unwritable_home(tmp_path):
     onnxopt.binarize(MODELS / "cnn.onnx", skip=["first_conv"], output=lowered)
     data = tmp_path / "x.npz"
     np.savez(data, input=np.load(MODELS / "cnn_test.npz")["input"][:4])
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "ONNXOPT_CACHE_DIR")}
     result = subprocess.run(["unshare", "-m", "sh", "-c", RO_SCRIPT, "sh", str(install), sys.executable,
-                             str(lowered), str(data)], capture_output=True, text=True, timeout=600)
+                             str(lowered), str(data)], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "onnxopt 0.1" in result.stdout and "shape [4, 10]" in result.stdout, result.stdout
     assert "no writable numba cache" in result.stderr and "cannot cache" not in result.stderr

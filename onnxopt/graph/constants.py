@@ -6,7 +6,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxoptError
-from .nodes import node_attributes
+from .nodes import copy_model, node_attributes, subgraphs
 
 # Constant chains (ConstantOfShape, Cast, ...) are folded only when a rewrite asks for a weight, and only up to
 # this many bytes in all (every intermediate counts: a 1.3 KB file of ConstantOfShape 4096² and 40 Casts took
@@ -89,3 +89,35 @@ def _fold(node: onnx.NodeProto, inputs: list[np.ndarray], charge) -> np.ndarray 
     if node.op_type == "Reshape":
         return inputs[0].reshape(tuple(int(d) for d in inputs[1]))
     return np.transpose(inputs[0], attrs.get("perm"))
+
+
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose `Constant` tensors (exporters such as Paddle's keep every weight in one) are
+    initializers, in every graph and control-flow body: every pass then sees a weight the same way, a rewrite
+    that replaces a weight leaves nothing behind (the old initializer is dropped once unread), and onnxruntime's
+    quantizer, which expects initializer weights, can read them. The values are the same bytes the file held."""
+    out = copy_model(model)
+    _convert(out.graph, list_as_input=out.ir_version < 4)  # before IR 4 an initializer is also a graph input
+    return out
+
+
+def _convert(graph: onnx.GraphProto, list_as_input: bool) -> None:
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        for sub in subgraphs(node):
+            _convert(sub, list_as_input)
+        value = [a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+        # only a tensor-valued Constant whose output is not itself a graph output (those stay nodes)
+        if (node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1
+                or not value or node.output[0] in outputs or value[0].data_location == onnx.TensorProto.EXTERNAL):
+            kept.append(node)
+            continue
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(value[0])
+        tensor.name = node.output[0]
+        if list_as_input:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)

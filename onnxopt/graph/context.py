@@ -7,14 +7,15 @@ import onnx
 from onnx import numpy_helper
 
 from .constants import Constants
-from .nodes import node_key, unique_node_names
+from .nodes import node_key, subgraphs, unique_node_names
 from .shapes import infer_shapes, static_shape
 
 
 class GraphContext:
     """Read-only facts about the graph a rule may ask for, plus a fresh-name source."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None):
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+                 reserved: frozenset = frozenset()):
         g = model.graph
         self.model = model
         self.constants = Constants(g)
@@ -22,7 +23,14 @@ class GraphContext:
         self.node_names = {node_key(n): name for n, name in zip(g.node, unique_node_names(g))}
         self.producers = {o: n for n in g.node for o in n.output}
         self._taken = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
-        self._taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node}
+        self._taken |= {o for n in g.node for o in n.output} | {n.name for n in g.node} | set(reserved)
+        for n in g.node:  # names inside control-flow bodies are taken too (a body may not redefine a name)
+            self._taken |= _body_names(n)
+
+    @property
+    def taken(self) -> frozenset:
+        """Every name in use in this graph, its bodies and the scopes around it."""
+        return frozenset(self._taken)
 
     def name_of(self, node: onnx.NodeProto) -> str:
         return self.node_names[node_key(node)]
@@ -46,3 +54,12 @@ class GraphContext:
 
     def initializer(self, base: str, array: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.ascontiguousarray(array), self.fresh(base))
+
+
+def _body_names(node: onnx.NodeProto) -> set[str]:
+    names = set()
+    for body in subgraphs(node):
+        names |= {i.name for i in body.input} | {t.name for t in body.initializer}
+        for inner in body.node:
+            names |= set(inner.output) | {inner.name} | _body_names(inner)
+    return names

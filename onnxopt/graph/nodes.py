@@ -34,6 +34,21 @@ def unique_node_names(graph: onnx.GraphProto) -> list[str]:
 
 
 
+def rename_repeated(graph: onnx.GraphProto) -> list[str]:
+    """Give each repeated node name a suffix (onnxruntime refuses to load a graph with repeated names);
+    returns a warning per renamed node."""
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    warnings = []
+    for node, unique in zip(graph.node, unique_node_names(graph)):
+        if node.name and counts[node.name] > 1 and unique != node.name:
+            warnings.append(f"node name '{node.name}' is repeated; renamed to '{unique}' (onnxruntime refuses "
+                            "repeated names)")
+            node.name = unique
+    return warnings
+
+
 def node_key(node: onnx.NodeProto) -> tuple:
     """Identifies a node within its graph (protobuf hands out a new Python wrapper on every access,
     so id() does not); outputs are unique in a valid graph, inputs and type settle output-less nodes."""
@@ -79,3 +94,50 @@ def remove_unused(graph: onnx.GraphProto) -> None:
     inputs = [i for i in graph.input if i.name not in unused]
     del graph.input[:]
     graph.input.extend(inputs)
+
+
+def add_initializers(model: onnx.ModelProto, tensors) -> None:
+    """Append initializers to the main graph; before IR 4 an initializer must also be listed as a graph input."""
+    model.graph.initializer.extend(tensors)
+    list_initializers_as_inputs(model)
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """Before IR 4 every initializer must also be a graph input: list those that are not (a no-op from IR 4)."""
+    if model.ir_version >= 4:
+        return
+    listed = {i.name for i in model.graph.input}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer if t.name not in listed)
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder `graph.node` so every node comes after the producers of what it reads, control-flow bodies'
+    outer-scope reads included (onnxruntime's quantizer sorts by listed inputs only and can move an If after
+    its readers); nodes already in order keep it. Hand-written: onnx has no public sort."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    waiting = []
+    for i, n in enumerate(nodes):
+        reads = set(n.input) | {name for sub in subgraphs(n) for name in names_read(sub)}
+        deps = {producer[r] for r in reads if r in producer and producer[r] != i}
+        for d in deps:
+            readers[d].append(i)
+        waiting.append(len(deps))
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        return  # a cycle: left as it is, for onnx.checker to name
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)

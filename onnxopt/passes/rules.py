@@ -10,9 +10,21 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..graph.context import GraphContext
-from ..graph.nodes import copy_model, node_key, op_key, remove_unused, subgraphs, unique_node_names
+from ..graph.nodes import (
+    add_initializers,
+    copy_model,
+    names_read,
+    node_key,
+    op_key,
+    remove_unused,
+    rename_repeated,
+    subgraphs,
+    unique_node_names,
+)
+from ..graph.schemas import DOMAIN
 from ..graph.selection import Selection, layer_paths
 from ..report import LayerReport, Report
 
@@ -69,14 +81,16 @@ def layer_verdicts(ctx: GraphContext, rules: Rules, selection: Selection) -> Ite
 
 
 def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | None = None, *, command: str,
-                progress: Progress | None = None, shapes: dict | None = None) -> tuple[onnx.ModelProto, Report]:
-    """Run one pass over the main graph and return (new model, report). The input is not modified. `shapes`:
-    sizes for symbolic inputs (--input-shape)."""
+                progress: Progress | None = None, shapes: dict | None = None,
+                reserved: frozenset = frozenset()) -> tuple[onnx.ModelProto, Report]:
+    """Run one pass over the graph and its control-flow bodies (If/Loop/Scan) and return (new model, report).
+    The input is not modified. `shapes`: sizes for symbolic inputs (--input-shape); `reserved`: names taken
+    outside this graph (a body's enclosing scopes), which new tensors must not reuse."""
     selection = selection or Selection()
     model = copy_model(model)
     report = Report(command=command)
-    report.warnings += _rename_repeated(model.graph)
-    ctx = GraphContext(model, shapes)
+    report.warnings += rename_repeated(model.graph)
+    ctx = GraphContext(model, shapes, reserved=reserved)
     chosen = []
     for node, name, rule, reason in layer_verdicts(ctx, rules, selection):
         if reason:
@@ -84,7 +98,7 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
         else:
             chosen.append((node, rule))
             report.layers.append(None)  # placeholder keeps graph order in the report
-    _report_subgraph_nodes(model.graph, rules, report)
+    _rewrite_bodies(model, ctx, rules, selection, command, report)
     slots = [i for i, x in enumerate(report.layers) if x is None]
     rewrites: dict[tuple, Rewrite] = {}
     for slot, (node, rule) in zip(slots, progress(chosen, f"{command}: layers") if progress else chosen):
@@ -101,29 +115,64 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
     return model, report
 
 
-def _rename_repeated(graph: onnx.GraphProto) -> list[str]:
-    """Give each repeated node name a suffix (onnxruntime refuses to load a graph with repeated names);
-    returns a warning per renamed node."""
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.name] = counts.get(node.name, 0) + 1
-    warnings = []
-    for node, unique in zip(graph.node, unique_node_names(graph)):
-        if node.name and counts[node.name] > 1 and unique != node.name:
-            warnings.append(f"node name '{node.name}' is repeated; renamed to '{unique}' (onnxruntime refuses "
-                            "repeated names)")
-            node.name = unique
-    return warnings
+def _rewrite_bodies(model: onnx.ModelProto, ctx: GraphContext, rules: Rules, selection: Selection, command: str,
+                    report: Report) -> None:
+    """The same pass inside every control-flow body, in place. A body reads outer-scope tensors: it is run as a
+    model of its own whose extra inputs are those tensors (outer constants as initializers, so weights defined
+    outside are seen), and those are taken out again afterwards; a replaced outer weight stays outside for
+    whoever else reads it, and is dropped with the rest of the unread once nothing does."""
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                new_body, body_report, opsets = _rewrite_body(body, model, ctx, rules, selection, command)
+                if node.op_type not in CUSTOM_OPS_LOAD_IN and _has_custom_ops(new_body):
+                    for layer in body_report.changed:
+                        layer.action, layer.reason = "skipped", (
+                            f"inside {node.op_type} '{ctx.name_of(node)}': onnxruntime cannot load com.onnxopt "
+                            f"ops in {node.op_type} bodies (--emulate writes standard ops)")
+                    new_body, opsets = body, []
+                body.CopyFrom(new_body)
+                for layer in body_report.layers:
+                    layer.name = f"{ctx.name_of(node)}/{attr.name}/{layer.name}"
+                report.layers += body_report.layers
+                report.warnings += [w for w in body_report.warnings if w not in report.warnings]
+                imported = {o.domain for o in model.opset_import}
+                model.opset_import.extend(o for o in opsets if o.domain not in imported)
 
 
-def _report_subgraph_nodes(graph, rules, report):
-    for node in graph.node:
-        for sub in subgraphs(node):
-            for inner in sub.node:
-                if op_key(inner) in rules:
-                    report.layers.append(LayerReport(
-                        name=inner.name or inner.op_type, op_type=inner.op_type,
-                        reason=f"inside the body of {node.op_type} '{node.name}': left intact"))
+# control-flow bodies where onnxruntime (1.32) loads com.onnxopt ops: an If branch fails its type inference
+# ("com.onnxopt:BitConv(-1) is not a registered function/op"), a Loop body loads and runs
+CUSTOM_OPS_LOAD_IN = ("Loop",)
+
+
+def _has_custom_ops(graph: onnx.GraphProto) -> bool:
+    return any(n.domain == DOMAIN or any(_has_custom_ops(s) for s in subgraphs(n)) for n in graph.node)
+
+
+def _rewrite_body(body: onnx.GraphProto, parent: onnx.ModelProto, ctx: GraphContext, rules: Rules,
+                  selection: Selection, command: str):
+    scope = onnx.ModelProto()
+    scope.ir_version = max(parent.ir_version, 4)  # (IR 3 would list new initializers as inputs: not in a body)
+    scope.opset_import.extend(parent.opset_import)
+    scope.graph.CopyFrom(body)
+    g = scope.graph
+    own = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    outer = sorted(names_read(g) - own - {""})
+    for name in outer:
+        value = ctx.constant(name)
+        if value is not None:
+            g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        else:
+            g.input.append(ctx.value_infos.get(name) or onnx.ValueInfoProto(name=name))
+    new, body_report = apply_rules(scope, rules, selection, command=command, reserved=ctx.taken)
+    g = new.graph
+    outer_names = set(outer)
+    kept_inits = [t for t in g.initializer if t.name not in outer_names]
+    kept_inputs = [i for i in g.input if i.name not in outer_names]
+    del g.initializer[:], g.input[:]
+    g.initializer.extend(kept_inits)
+    g.input.extend(kept_inputs)
+    return g, body_report, list(new.opset_import)
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
@@ -139,10 +188,7 @@ def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
             opsets.update(rw.opsets)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    listed_as_inputs = model.ir_version < 4
-    if listed_as_inputs:
-        graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new_inits)
+    add_initializers(model, new_inits)
     imported = {o.domain for o in model.opset_import}
     model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items() if d not in imported)
     remove_unused(graph)

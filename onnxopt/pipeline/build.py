@@ -19,18 +19,21 @@ from .steps import (
 )
 
 
-def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), progress=None) -> list[Step]:
-    """The steps of `command` for these options (from `registry.parse`): its rewrite, then check, gate, save."""
+def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), progress=None,
+          given_bytes: int | None = None) -> list[Step]:
+    """The steps of `command` for these options (from `registry.parse`): its rewrite, then check, gate, save.
+    `given_bytes`: the input's size as given (its files), which the report compares the output with."""
     steps = registry.command(command).rewrite(groups, progress, source)
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
-    steps += [Check(source, check, shapes=groups[opt.ShapeOptions].shapes), Gate(check, strict=save.strict)]
+    steps += [Check(source, check, shapes=groups[opt.ShapeOptions].shapes, given_bytes=given_bytes),
+              Gate(check, strict=save.strict)]
     if save.output is not None:
         steps.append(Save.checked(save, protected))
     return steps
 
 
 def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protected=(),
-               progress=None) -> tuple[onnx.ModelProto, Report]:
+               progress=None, given_bytes: int | None = None) -> tuple[onnx.ModelProto, Report]:
     """A recipe's commands in order on `source` (each one's rewrite steps, scored against `source` where a step
     searches or gates), a summary row per command, then the recipe's gates on the final model, then save."""
     gate = opt.CheckOptions(**recipe.gate)
@@ -46,7 +49,8 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
         report.merge(step_report)
         report.recipe["steps"].append({"run": command, "layers_changed": len(step_report.changed),
                                        "size": model.ByteSize(), **measure(model)})
-    steps = [Check(source, gate), Gate(gate, strict=save.strict)] + ([save_step] if save_step else [])
+    steps = [Check(source, gate, given_bytes=given_bytes), Gate(gate, strict=save.strict)]
+    steps += [save_step] if save_step else []
     return run(model, steps, report)
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ..errors import GateFailed, UsageError
+from ..errors import GateFailed, OnnxoptError, UsageError
 from ..passes.factor.options import FactorOptions
 from ..passes.prune.options import PruneOptions
 from ..passes.quantize.options import QuantizeOptions
@@ -154,6 +154,9 @@ class Quantize(_ScoringStep):
         from ..passes.quantize import int8 as q
         from ..runtime import session_options
 
+        problem = q.opset_problem(model)
+        if problem:
+            raise OnnxoptError(problem)
         named = q.name_nodes(model)
         calibration = None
         if self.options.calibration is not None:
@@ -280,6 +283,7 @@ class Check:
     source: onnx.ModelProto
     check: opt.CheckOptions
     shapes: dict | None = None  # --input-shape sizes for symbolic inputs
+    given_bytes: int | None = None  # the input's size as given (its files); else the source's serialized size
     name: str = "check"
 
     def __call__(self, model, report):
@@ -290,9 +294,13 @@ class Check:
 
         (w0, b0), (w1, b1) = model_weights(self.source), model_weights(model)
         (f0, u0), (f1, u1) = model_flops(self.source, self.shapes), model_flops(model, self.shapes)
-        report.size = {"before": self.source.ByteSize(), "after": model.ByteSize(), "weights_before": w0,
+        before = self.source.ByteSize() if self.given_bytes is None else self.given_bytes
+        report.size = {"before": before, "after": model.ByteSize(), "weights_before": w0,
                        "weights_after": w1, "weight_bytes_before": b0, "weight_bytes_after": b1,
                        "flops_before": f0, "flops_after": f1, "flops_unknown_layers": max(u0, u1)}
+        if report.size["after"] > before:
+            report.warnings.append(f"the model file grows: {before:,} -> {report.size['after']:,} bytes "
+                                   f"({report.size['after'] / max(before, 1):.1%})")
         c = self.check
         if not (c.wanted or c.min_speedup is not None):
             return model, report

@@ -11,12 +11,12 @@ import pytest
 from conftest import accuracy, conv_model, load_split, ort_run
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from kernel_cases import CHANNELS, conv_cases
 
 import onnxopt
 from onnxopt.kernels import AVX2_ONLY_ENV, bitconv, reference
 from onnxopt.kernels.geometry import Geometry
 from onnxopt.kernels.packing import pack_weights
-from kernel_cases import CHANNELS, conv_cases
 
 
 def sign(v):

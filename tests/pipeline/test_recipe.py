@@ -92,7 +92,7 @@ def test_failed_gates_exit_1_with_the_figure_and_write_nothing(tmp_path, argv, m
     assert code == 1 and not out.exists()
     (line,) = [x for x in err.splitlines() if x.startswith("onnxopt: error:")]
     assert message in line and "nothing was written" in line
-    assert "model size:" in stdout
+    assert "model file:" in stdout
 
 
 @pytest.mark.parametrize("kwargs", [{"min_speedup": 0.0}, {"max_size": "big"}, {"max_size": "-3"},

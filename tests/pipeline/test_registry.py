@@ -4,10 +4,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
+from conftest import parse_model
 from onnx import helper
 
 import onnxopt
-from conftest import parse_model
 from onnxopt.errors import UsageError
 from onnxopt.options import option
 from onnxopt.passes.rules import Rewrite, Rule

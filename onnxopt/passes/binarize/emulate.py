@@ -50,8 +50,8 @@ class BinaryConvToStandard(Rule):
             helper.make_node("Add", [t["scaled"], t["bias"]], list(node.output), name=node.name or name,
                              doc_string=MARKER),
         ]
-        layer = LayerReport(name=name, op_type="BinaryConv", action="emulated")
-        return Rewrite(nodes=nodes, initializers=[ones, minus, zero, shape], layer=layer)
+        return Rewrite(nodes=nodes, initializers=[ones, minus, zero, shape],
+                       layer=_emulated_layer(name, "BinaryConv", ctx.constant(w)))
 
 
 MULTIBIT_MARKER = "onnxopt:emulated MultibitConv"
@@ -126,8 +126,7 @@ class MultibitToStandard(Rule):
         bias_shape = e.const("bias_shape", np.array([1, -1] + [1] * g.spatial_rank, np.int64))
         e.nodes.append(helper.make_node("Add", [conv, e("Reshape", [bias, bias_shape])], list(node.output),
                                         name=node.name or name, doc_string=MULTIBIT_MARKER))
-        return Rewrite(nodes=e.nodes, initializers=e.inits, layer=LayerReport(name=name, op_type=node.op_type,
-                                                                              action="emulated"))
+        return Rewrite(nodes=e.nodes, initializers=e.inits, layer=_emulated_layer(name, node.op_type, ctx.constant(w)))
 
 
 def rules() -> dict:
@@ -171,3 +170,9 @@ def emulated_parts(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], c
     if not (equals(alpha_reshape.input[1], channel_shape) and equals(bias_reshape.input[1], channel_shape)):
         return None
     return {"x": x, "w": w, "alpha": alpha_reshape.input[0], "bias": bias_reshape.input[0], "conv": conv}
+
+
+def _emulated_layer(name: str, op_type: str, weight: np.ndarray | None) -> LayerReport:
+    """An emulated layer keeps its float weight in the file (standard ops read it): its size is that weight's."""
+    size = 0 if weight is None else int(weight.size)
+    return LayerReport(name=name, op_type=op_type, action="emulated", params_after=size, bytes_after=4 * size)

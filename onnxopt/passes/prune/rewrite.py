@@ -8,6 +8,7 @@ import math
 import numpy as np
 import onnx
 
+from ...graph.nodes import add_initializers, rename_repeated
 from ...graph.selection import Selection
 from ...report import LayerReport, Report
 from .budget import budget_summary, choose
@@ -57,6 +58,7 @@ def prune(model: onnx.ModelProto, keep: float, keep_for=(), selection: Selection
     for edit in graph.edits:
         rewriter.edit(edit, kept)
     rewriter.finish()
+    report.warnings += rename_repeated(out.graph)
     if budget:
         report.budget = budget_summary(graph, groups, budget, removed_roots)
     return out, report
@@ -72,7 +74,7 @@ class Rewriter:
     def _set(self, node, i: int, array: np.ndarray) -> None:
         old = node.input[i]
         t = self.ctx.initializer(old or f"{node.name}_in{i}", array)
-        self.model.graph.initializer.append(t)
+        add_initializers(self.model, [t])
         while len(node.input) <= i:
             node.input.append("")
         node.input[i] = t.name

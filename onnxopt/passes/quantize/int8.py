@@ -18,10 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from ...graph.constants import Constants
 from ...graph.context import GraphContext
-from ...graph.io import load_model
-from ...graph.nodes import copy_model, op_key, unique_node_names
+from ...graph.io import check_model
+from ...graph.nodes import (
+    add_initializers,
+    copy_model,
+    list_initializers_as_inputs,
+    op_key,
+    remove_unused,
+    sort_topologically,
+    unique_node_names,
+)
 from ...graph.schemas import DOMAIN
 from ...graph.selection import layer_paths
 from ...report import LayerReport, Report
@@ -65,11 +75,42 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     named = copy_model(model)
     for node, name in zip(named.graph.node, unique_node_names(named.graph)):
         node.name = name
+    _fold_weights(named)
     declared = {v.name for v in named.graph.value_info}
     named.graph.value_info.extend(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
                                   for n in named.graph.node if n.domain == DOMAIN for out in n.output
                                   if out not in declared)
     return named
+
+
+def _fold_weights(model: onnx.ModelProto) -> None:
+    """The quantizer reads a weight only as an initializer ("Expected W to be an initializer" otherwise): a weight
+    computed by a constant chain (Reshape/Cast/... of constants) is folded into one, and the chain dropped."""
+    graph = model.graph
+    constants = Constants(graph)
+    initializers = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in OP_TYPES or len(node.input) < 2 or node.input[1] in initializers:
+            continue
+        value = constants.get(node.input[1])
+        if value is not None:
+            folded = numpy_helper.from_array(value, f"{node.input[1]}/folded")
+            add_initializers(model, [folded])
+            node.input[1] = folded.name
+            initializers.add(folded.name)
+    remove_unused(graph)
+
+
+MIN_OPSET = 11  # the quantizer writes DynamicQuantizeLinear (opset 11) and raises an older model's opset
+
+
+def opset_problem(model: onnx.ModelProto) -> str | None:
+    """Why int8 cannot keep this model's opset, or None: outputs keep the input's opsets."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+    if version < MIN_OPSET:
+        return (f"quantize needs opset >= {MIN_OPSET} (onnxruntime's quantizer writes opset-{MIN_OPSET} ops) and "
+                f"onnxopt keeps the input's opset {version}; convert the model first (onnx.version_converter)")
+    return None
 
 
 def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=None, per_channel: bool = False,
@@ -93,7 +134,11 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
         else:
             quantize_dynamic(model, out, per_channel=per_channel, weight_type=QuantType.QInt8,
                              op_types_to_quantize=list(DYNAMIC_OP_TYPES), nodes_to_quantize=include)
-        return load_model(out)
+        quantized = onnx.load(str(out))
+    sort_topologically(quantized.graph)
+    list_initializers_as_inputs(quantized)  # the quantizer's new scales too, before IR 4
+    check_model(quantized, what="quantized model")
+    return quantized
 
 
 @contextlib.contextmanager
