@@ -18,7 +18,10 @@ INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")
 
 
 def _conv_modes(node, w) -> list[str]:
-    """The conv factoring modes that apply to this conv (spatial needs a kernel above 1x1 and explicit pads)."""
+    """The conv factoring modes that apply to this conv (a 1-D conv: channel only; spatial needs a kernel above
+    1x1 and explicit pads)."""
+    if w.ndim == 3:
+        return ["channel"]
     auto_pad = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
     spatial = w.shape[2] * w.shape[3] > 1 and auto_pad in (b"NOTSET", b"")
     return ["channel", "tucker"] + (["spatial"] if spatial else [])

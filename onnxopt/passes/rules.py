@@ -109,7 +109,7 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
             continue
         rewrites[node_key(node)] = rw
         report.layers[slot] = rw.layer
-        report.warnings.extend(rw.warnings)
+        report.warnings += [w for w in rw.warnings if w not in report.warnings]
     if rewrites:
         _splice(model, rewrites)
     return model, report

@@ -11,7 +11,8 @@ Zero padding stays exact in every mode: the convs before the padded one have no 
 equals padding the input. `auto` (the default) takes, per layer, the mode with the lowest weight error at the
 size `--rank` gives the channel mode (ranks of the other modes chosen to match that size), and says which; it
 leaves the conv dense when that form keeps more than 2/3 of its FLOPs (not measurably faster, see AUTO_MAX_FLOPS).
-Grouped/depthwise convs and 1-D/3-D convs are left alone with the reason.
+1-D convs (audio models) are factored in channel mode, the only one that applies to one spatial axis.
+Grouped/depthwise convs and 3-D convs are left alone with the reason.
 """
 from __future__ import annotations
 
@@ -61,17 +62,19 @@ def _spatial_matrix(w: np.ndarray) -> np.ndarray:
 
 
 class ConvRule(LowRankRule):
-    """Conv with a constant 4-D float weight and group 1."""
+    """Conv with a constant 3-D or 4-D float weight (Conv1d or Conv2d) and group 1."""
 
     def check(self, node, ctx):
         w, reason = constant_weight(node, ctx)
         if reason:
             return reason
-        if w.ndim != 4:
-            return f"{w.ndim - 2}-D conv: only 2-D convs are factored"
+        if w.ndim not in (3, 4):
+            return f"{w.ndim - 2}-D conv: only 1-D and 2-D convs are factored"
         if int(_attrs(node).get("group", 1)) != 1:
             return "grouped/depthwise conv: already factored along channels"
-        if min(w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]) < 2:
+        if w.ndim == 3 and self.options.conv_mode in ("tucker", "spatial") and self.ranks is None:
+            return f"1-D conv: --conv-mode {self.options.conv_mode} needs two spatial axes (channel mode applies)"
+        if min(w.shape[0], int(np.prod(w.shape[1:]))) < 2:
             return f"weight {'x'.join(map(str, w.shape))} has rank 1 at most"
         if len(node.input) > 2 and node.input[2] and ctx.constant(node.input[2]) is None:
             return "bias is not a constant"
@@ -95,13 +98,16 @@ class ConvRule(LowRankRule):
 
     def _pixels(self, node, ctx) -> int | None:
         spatial = (ctx.shape(node.output[0]) or [])[2:]
-        if len(spatial) != 2 or not all(isinstance(d, int) for d in spatial):
+        if len(spatial) not in (1, 2) or not all(isinstance(d, int) for d in spatial):
             return None
         return int(np.prod(spatial))
 
     def calibration_gram(self, node, x, constant):
-        kh, kw = constant(node.input[1]).shape[2:]
-        geometry = Geometry.from_conv(_attrs(node), 2, x.shape[1])
+        kernel = constant(node.input[1]).shape[2:]
+        if len(kernel) == 1:  # a 1-D conv is a 2-D one over a height of 1: the same patches
+            x, kernel = x[:, :, None, :], (1, kernel[0])
+        kh, kw = kernel
+        geometry = Geometry.from_conv(_attrs(node), len(constant(node.input[1]).shape) - 2, x.shape[1])
         gram = 0
         for start in range(0, len(x), 8):  # the patches are kh·kw times the input: a few samples at a time
             cols = im2col(x[start:start + 8], (kh, kw), geometry).astype(np.float64)
@@ -115,7 +121,12 @@ class ConvRule(LowRankRule):
         pin = next((r for p, r in self.options.tucker_overrides if matches(name, p, paths)), None)
         mode = "tucker" if pin else "channel" if self.ranks is not None else self.options.conv_mode
         k = None if pin else self.choose_rank(name, self.weight(node, ctx), paths)  # budgets allocate channel ranks
-        spatial_ok = w.shape[2] * w.shape[3] > 1 and _attrs(node).get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        if w.ndim == 3:  # channel: the only mode with one spatial axis (check() refused the others)
+            if pin:
+                raise Declined("1-D conv: a tucker rank needs two spatial axes (channel mode applies)")
+            mode = "channel"
+        explicit_pads = _attrs(node).get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        spatial_ok = w.ndim == 4 and w.shape[2] * w.shape[3] > 1 and explicit_pads
         automatic = mode == "auto"
         if automatic:
             mode, size = self._best_mode(w, k, spatial_ok)
@@ -214,18 +225,18 @@ class ConvRule(LowRankRule):
             raise Declined(f"{what} gains nothing: {after:,} params >= {before:,}")
 
     def _channel(self, node, ctx, w, k):
-        o, c, kh, kw = w.shape
-        m = c * kh * kw
+        o, c, kernel = w.shape[0], w.shape[1], w.shape[2:]
+        m = c * int(np.prod(kernel))
         self._growth(m * o, k * (m + o), f"rank {k}")
         f = self.factors(ctx.name_of(node), self.weight(node, ctx), k)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        first = f.u.T.reshape(k, c, kh, kw).astype(w.dtype)
-        second = f.v.T.reshape(o, k, 1, 1).astype(w.dtype)
+        first = f.u.T.reshape(k, c, *kernel).astype(w.dtype)
+        second = f.v.T.reshape(o, k, *[1] * len(kernel)).astype(w.dtype)
         rows = self.rows(node, ctx)
         layer = self._layer(node, ctx, w, k * (m + o), 2 * k * (m + o) * rows, f.error, k, "channel")
         layer.full_rank = min(m, o)
         return self._chain(node, ctx, [(first, attrs, "conv_k", None),
-                                       (second, {"kernel_shape": [1, 1]}, "conv_1x1",
+                                       (second, {"kernel_shape": [1] * len(kernel)}, "conv_1x1",
                                         self._bias(node, ctx, w.dtype))], layer)
 
     def _tucker(self, node, ctx, w, ranks):
