@@ -63,9 +63,17 @@ Rules = dict[tuple[str, str], Rule]
 
 
 def candidate_layers(model: onnx.ModelProto, rules: Rules) -> list[tuple[str, tuple[str, ...]]]:
-    """(name, module paths) of the main-graph nodes a pass could touch, as reports and patterns see them."""
-    g = model.graph
-    return [(name, layer_paths(node)) for node, name in zip(g.node, unique_node_names(g)) if op_key(node) in rules]
+    """(name, module paths) of the nodes a pass could touch, control-flow bodies included, as patterns see them
+    (a body's layer by its name within the body: what `--skip` matches there)."""
+    return list(_candidates(model.graph, rules))
+
+
+def _candidates(graph: onnx.GraphProto, rules: Rules):
+    for node, name in zip(graph.node, unique_node_names(graph)):
+        if op_key(node) in rules:
+            yield name, layer_paths(node)
+        for body in subgraphs(node):
+            yield from _candidates(body, rules)
 
 
 def layer_verdicts(ctx: GraphContext, rules: Rules, selection: Selection) -> Iterator[tuple]:

@@ -23,10 +23,11 @@ def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), 
           given_bytes: int | None = None) -> list[Step]:
     """The steps of `command` for these options (from `registry.parse`): its rewrite, then check, gate, save.
     `given_bytes`: the input's size as given (its files), which the report compares the output with."""
-    steps = registry.command(command).rewrite(groups, progress, source)
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
-    steps += [Check(source, check, shapes=groups[opt.ShapeOptions].shapes, given_bytes=given_bytes),
-              Gate(check, strict=save.strict)]
+    measure = Check(source, check, shapes=groups[opt.ShapeOptions].shapes, given_bytes=given_bytes)
+    measure.check_inputs()  # before the rewrite's work
+    steps = registry.command(command).rewrite(groups, progress, source)
+    steps += [measure, Gate(check, strict=save.strict)]
     if save.output is not None:
         steps.append(Save.checked(save, protected))
     return steps
@@ -41,6 +42,8 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
     measure = StepMeasure(source, gate)
     report = Report(command="apply")
     report.recipe = {"path": str(recipe.path), "steps": []}
+    final = Check(source, gate, given_bytes=given_bytes)
+    final.check_inputs()  # before the first step's work
     model = source
     for command, options in recipe.steps:
         groups = registry.parse(command, {**options, **recipe.gate})
@@ -49,7 +52,7 @@ def run_recipe(source: onnx.ModelProto, recipe, save: opt.SaveOptions, *, protec
         report.merge(step_report)
         report.recipe["steps"].append({"run": command, "layers_changed": len(step_report.changed),
                                        "size": model.ByteSize(), **measure(model)})
-    steps = [Check(source, gate, given_bytes=given_bytes), Gate(gate, strict=save.strict)]
+    steps = [final, Gate(gate, strict=save.strict)]
     steps += [save_step] if save_step else []
     return run(model, steps, report)
 

@@ -286,6 +286,15 @@ class Check:
     given_bytes: int | None = None  # the input's size as given (its files); else the source's serialized size
     name: str = "check"
 
+    def check_inputs(self) -> None:
+        """Fail now, not after the rewrite (minutes of SVDs on a large model), if the random check inputs cannot
+        be made (a symbolic dim without --input-shape)."""
+        from ..measure.feeds import random_feeds
+
+        c = self.check
+        if (c.wanted or c.min_speedup is not None) and c.data is None:
+            random_feeds(self.source, 1, shapes=self.shapes)
+
     def __call__(self, model, report):
         from .. import runtime
         from ..graph.flops import model_flops, model_weights
