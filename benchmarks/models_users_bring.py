@@ -47,6 +47,7 @@ COMMANDS = {
     "factor --budget params=0.5": ("factor", {"budget": "params=0.5"}),
     "prune --keep 0.5": ("prune", {"keep": 0.5}),
     "quantize": ("quantize", {}),
+    "quantize --weight-bits 4": ("quantize", {"weight_bits": 4}),
     "binarize --skip <stem>": ("binarize", {}),
 }
 WORDS = ("invoice total 42.50 EUR", "the quick brown fox", "Model compression", "ONNX runtime 1.32",
@@ -219,8 +220,8 @@ def main() -> None:
     parser.add_argument("--commands", default=",".join(COMMANDS))
     args = parser.parse_args()
     folders = fetch(args.cache)
-    wanted = {c.split()[0] for c in args.commands.split(",")}
-    commands = [c for c in COMMANDS if c.split()[0] in wanted]
+    wanted = set(args.commands.split(","))
+    commands = [c for c in COMMANDS if c in wanted or c.split()[0] in wanted]
     print("| model | " + " | ".join(commands) + " |")
     print("|---" * (len(commands) + 1) + "|")
     for name in args.only:

@@ -47,11 +47,11 @@ def run_command(name: str, model: Model, *, progress: Progress | None = None,
     from .graph.shapes import check_input_shapes
 
     groups = registry.parse(name, options)  # usage errors before any file is read
-    source, protected = _source(model)
+    source, files = _source(model)
     check_input_shapes(source, groups[opt.ShapeOptions].shapes)
-    protected = _inputs(protected, *_path_options(groups))
+    protected = _inputs(files, *_path_options(groups))
     steps = commands.build(name, source, groups, protected=protected, progress=progress,
-                           given_bytes=_given_bytes(model, protected))
+                           given_bytes=_given_bytes(model, files))
     return pipeline_steps.run(source, steps, Report(command=name))
 
 

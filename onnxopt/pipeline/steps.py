@@ -154,6 +154,8 @@ class Quantize(_ScoringStep):
         from ..passes.quantize import int8 as q
         from ..runtime import session_options
 
+        if self.options.weight_bits == 4:
+            return self._four_bit(model, report)
         problem = q.opset_problem(model)
         if problem:
             raise OnnxoptError(problem)
@@ -180,6 +182,31 @@ class Quantize(_ScoringStep):
         else:
             new = quantize(include)
         q.mark_results(step_report, q.quantized_layers(new), kept)
+        report.merge(step_report)
+        return new, report
+
+    def _four_bit(self, model, report):
+        """Weight-only 4-bit MatMuls (passes/quantize/int4.py), with the same --max-drop search as int8."""
+        from ..passes.quantize import int4
+        from ..passes.quantize import int8 as q
+
+        named, o = q.name_nodes(model), self.options
+        selection = self.select.selection()
+        include, step_report = int4.candidates(named, selection, o.block_size)
+        step_report.patterns = _check_patterns(selection, candidate_layers(named, int4.rules(o.block_size)),
+                                               "MatMul")
+
+        def quantize(names):
+            return int4.quantize_4bit(named, names, o.block_size, o.algorithm)
+
+        kept: dict[str, float] = {}
+        if self.check.max_drop is not None:
+            scorer = self.scorer(model)
+            new, kept = q.keep_float_until(quantize, include, lambda m: scorer.drop(m)["drop"],
+                                           self.check.max_drop, self.progress)
+        else:
+            new = quantize(include)
+        q.mark_results(step_report, int4.quantized_layers(new), kept)
         report.merge(step_report)
         return new, report
 

@@ -1,0 +1,117 @@
+"""4-bit weight-only quantization of MatMul weights through onnxruntime's MatMulNBits quantizer (what MatMul-heavy
+models on CPUs use: weights in blocks of `block_size` along the input axis, one float scale and a 4-bit zero point
+per block; activations stay float). The rewrite is onnxruntime's; this module chooses the layers (the same
+selection as every pass), runs it on a copy and reports per layer. The output imports `com.microsoft`, the domain
+of onnxruntime's contrib ops, which every onnxruntime build (C, C++, C#, Java, mobile) runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import onnx
+
+from ...errors import OnnxoptError
+from ...graph.context import GraphContext
+from ...graph.io import check_model
+from ...graph.nodes import copy_model, op_key, subgraphs
+from ...report import LayerReport, Report
+from ..rules import Rule, constant_weight, layer_verdicts
+
+CONTRIB = "com.microsoft"
+
+
+class MatMulWeightRule(Rule):
+    """MatMul whose second input is a constant 2-D float32 weight with at least one block of rows."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+    def check(self, node, ctx):
+        w, reason = constant_weight(node, ctx, float32=True)
+        if reason:
+            return reason
+        if w.ndim != 2:
+            return f"weight is {w.ndim}-D: MatMulNBits takes 2-D weights"
+        if node.input[1] not in {t.name for t in ctx.model.graph.initializer}:
+            return "weight is computed (not an initializer)"
+        return None
+
+
+def rules(block_size: int = 32) -> dict:
+    return {("", "MatMul"): MatMulWeightRule(block_size)}
+
+
+def candidates(model: onnx.ModelProto, selection, block_size: int) -> tuple[list[str], Report]:
+    ctx = GraphContext(model)
+    report = Report(command="quantize")
+    chosen = []
+    for node, name, _, reason in layer_verdicts(ctx, rules(block_size), selection):
+        row = LayerReport(name=name, op_type=node.op_type, reason=reason or "")
+        if not reason:
+            w = ctx.constant(node.input[1])
+            k, n = w.shape
+            blocks = -(-k // block_size) * n
+            row.shape, row.action = f"{k}x{n}", "quantized"
+            row.params_before = row.params_after = int(w.size)
+            row.bytes_before, row.bytes_after = int(w.nbytes), int(-(-k // 2) * n + blocks * 4 + -(-blocks // 2))
+            chosen.append(node.name)
+        report.layers.append(row)
+    return chosen, report
+
+
+def quantize_4bit(model: onnx.ModelProto, include: list[str], block_size: int, algorithm: str) -> onnx.ModelProto:
+    """onnxruntime's MatMulNBits quantizer on a copy of `model` (nodes uniquely named), on exactly `include`."""
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    except ImportError as exc:  # onnxruntime's module needs onnx-ir, a dependency of onnxopt
+        raise OnnxoptError(f"--weight-bits 4 needs onnxruntime's MatMulNBits quantizer ({exc}); "
+                           "pip install onnx-ir") from None
+    if not include:
+        return copy_model(model)
+    work = copy_model(model)  # the quantizer edits the ModelProto it is given in place
+    if algorithm == "hqq":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # onnxruntime's HQQ runs in torch
+            raise OnnxoptError("--algorithm hqq needs torch (onnxruntime's HQQ runs in it): "
+                               "pip install 'onnxopt[train]', or use --algorithm rtn")
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4)
+    with _quiet():
+        # its nodes_to_include adds to the op types it takes anyway; only an exclude list restricts it
+        others = sorted(_all_names(work.graph) - set(include))
+        quantizer = nbits.MatMulNBitsQuantizer(work, bits=4, block_size=block_size, is_symmetric=False,
+                                               nodes_to_exclude=others, algo_config=config)
+        quantizer.process()
+    out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    out = copy_model(out)
+    # the quantizer imports com.microsoft at version 1; everything else keeps the input's opsets
+    check_model(out, what="4-bit model")
+    return out
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    return {n.name for n in graph.node} | {name for n in graph.node for body in subgraphs(n)
+                                           for name in _all_names(body)}
+
+
+def quantized_layers(model: onnx.ModelProto) -> set[str]:
+    """Names of the MatMuls onnxruntime replaced (MatMulNBits nodes keep the original name + '_Q4')."""
+    return {n.name.rsplit("_Q4", 1)[0] for n in model.graph.node if op_key(n) == (CONTRIB, "MatMulNBits")}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The quantizer logs a line per node at INFO on its own logger: the report says what was quantized."""
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    previous = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():  # HQQ hands torch read-only arrays it only reads
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            yield
+    finally:
+        logger.setLevel(previous)
