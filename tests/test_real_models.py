@@ -67,7 +67,16 @@ def test_silero_conv1d_factored_and_if_body_layers_reached(folders):
     assert len(report.changed) >= 4  # Conv1d layers: before, "only 2-D convs are factored"
     feeds = real.feeds_for("silero_op15", model)
     onnxopt.session(model).run(None, feeds[0])
-    # silero_vad.onnx: every conv sits in an If branch; binarize reaches them and declines with the reason
+    # silero_vad.onnx: every conv sits in an If branch; factor rewrites them there (before: "left intact")
+    model, report = onnxopt.factor(_path(folders, "silero_vad"), rank="0.5")
+    assert len(report.changed) == 10 and all(x.name.startswith("If_0/") for x in report.changed)
+    # at full rank the factored bodies compute what the original does (float32 rounding)
+    model, report = onnxopt.factor(_path(folders, "silero_vad"), rank="1.0", allow_growth=True)
+    assert len(report.changed) == 10
+    before, after = (real.outputs(m, real.feeds_for("silero_vad", model)) for m in (_path(folders, "silero_vad"),
+                                                                                   model))
+    assert max(abs(a[0].item() - b[0].item()) for a, b in zip(before, after)) < 1e-3
+    # binarize reaches them too and declines with the reason
     _, report = onnxopt.binarize(_path(folders, "silero_vad"))
     inside = [x for x in report.layers if x.name.startswith("If_0/")]
     assert inside and all("onnxruntime cannot load com.onnxopt ops in If bodies" in x.reason for x in inside)
