@@ -174,6 +174,12 @@ class Quantize(_ScoringStep):
             return q.run_quantizer(named, names, calibration=calibration, per_channel=self.options.per_channel,
                                    session_options=session_options)
 
+        return self._gated(model, quantize, include, step_report, q.quantized_layers, report)
+
+    def _gated(self, model, quantize, include, step_report, quantized_layers, report):
+        """The selection quantized; with --max-drop, layers kept float until the model passes (int8 and 4-bit)."""
+        from ..passes.quantize import int8 as q
+
         kept: dict[str, float] = {}
         if self.check.max_drop is not None:
             scorer = self.scorer(model)
@@ -181,7 +187,7 @@ class Quantize(_ScoringStep):
                                            self.check.max_drop, self.progress)
         else:
             new = quantize(include)
-        q.mark_results(step_report, q.quantized_layers(new), kept)
+        q.mark_results(step_report, quantized_layers(new), kept)
         report.merge(step_report)
         return new, report
 
@@ -199,16 +205,7 @@ class Quantize(_ScoringStep):
         def quantize(names):
             return int4.quantize_4bit(named, names, o.block_size, o.algorithm)
 
-        kept: dict[str, float] = {}
-        if self.check.max_drop is not None:
-            scorer = self.scorer(model)
-            new, kept = q.keep_float_until(quantize, include, lambda m: scorer.drop(m)["drop"],
-                                           self.check.max_drop, self.progress)
-        else:
-            new = quantize(include)
-        q.mark_results(step_report, int4.quantized_layers(new), kept)
-        report.merge(step_report)
-        return new, report
+        return self._gated(model, quantize, include, step_report, int4.quantized_layers, report)
 
 
 @dataclass(kw_only=True)

@@ -8,7 +8,7 @@ import onnxopt
 from onnxopt.graph.constants import constants_as_initializers
 
 
-@pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
+@pytest.mark.parametrize("algorithm", ["rtn", pytest.param("hqq", marks=pytest.mark.slow)])  # hqq: 2 s of torch
 def test_token_mlp_4bit_keeps_accuracy_at_under_a_third_of_the_file(algorithm, tmp_path):
     """Held-out test split (never used here to choose anything). Measured: file 27.8%, 0.934 -> 0.933 (rtn)."""
     if algorithm == "hqq":

@@ -150,6 +150,7 @@ def _conv_bn_model() -> onnx.ModelProto:
     return model
 
 
+@pytest.mark.slow  # the default run's only multi-bit kernel compile (14 s cold); the slow tests run the kernel
 def test_batchnorm_folds_into_multibit_layers():
     """A BatchNormalization after a lowered 2x2-bit conv is folded into its level scales and bias; outputs as with
     --keep-batchnorm up to float32 rounding."""
