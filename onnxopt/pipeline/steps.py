@@ -199,7 +199,7 @@ class Quantize(_ScoringStep):
         named, o = q.name_nodes(model), self.options
         selection = self.select.selection()
         include, step_report = int4.candidates(named, selection, o.block_size)
-        step_report.patterns = _check_patterns(selection, candidate_layers(named, int4.rules(o.block_size)),
+        step_report.patterns = _check_patterns(selection, candidate_layers(named, int4.rules()),
                                                "MatMul")
 
         def quantize(names):

@@ -23,10 +23,7 @@ CONTRIB = "com.microsoft"
 
 
 class MatMulWeightRule(Rule):
-    """MatMul whose second input is a constant 2-D float32 weight with at least one block of rows."""
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
+    """MatMul whose second input is a constant 2-D float32 initializer weight."""
 
     def check(self, node, ctx):
         w, reason = constant_weight(node, ctx, float32=True)
@@ -39,15 +36,15 @@ class MatMulWeightRule(Rule):
         return None
 
 
-def rules(block_size: int = 32) -> dict:
-    return {("", "MatMul"): MatMulWeightRule(block_size)}
+def rules() -> dict:
+    return {("", "MatMul"): MatMulWeightRule()}
 
 
 def candidates(model: onnx.ModelProto, selection, block_size: int) -> tuple[list[str], Report]:
     ctx = GraphContext(model)
     report = Report(command="quantize")
     chosen = []
-    for node, name, _, reason in layer_verdicts(ctx, rules(block_size), selection):
+    for node, name, _, reason in layer_verdicts(ctx, rules(), selection):
         row = LayerReport(name=name, op_type=node.op_type, reason=reason or "")
         if not reason:
             w = ctx.constant(node.input[1])
