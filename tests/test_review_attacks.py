@@ -456,3 +456,32 @@ def test_lower_reads_back_only_the_pattern_it_wrote(tmp_path, edit):
     got = onnxopt.session(lowered).run(None, {"input": x})[0].argmax(1)
     assert (want == got).mean() >= 0.99  # the other layers lowered: the same ±1 sums, rounding only
     assert len(declined) == 1
+
+
+@pytest.mark.slow
+def test_pyop_after_the_c_path_in_a_fresh_cache(tmp_path):
+    """Fresh numba cache; the C path runs a lowered model, then the PyOp path twice: the second PyOp process
+    segfaulted (exit 139). The first PyOp process compiled bit_conv around the C path's cached bit_conv_into, and
+    the cached bit_conv no longer started numba's thread pool when it loaded."""
+    import os
+    import subprocess
+    import sys
+
+    import onnxopt
+
+    lowered = tmp_path / "resnet.onnx"
+    onnxopt.binarize(Path(__file__).parent / "data" / "resnet18_tiny_legacy.onnx", skip=["/conv1/Conv"],
+                     output=lowered)
+    data = tmp_path / "x.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    printed = []
+    for path in ("c", "pyop", "pyop"):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "ONNXOPT_KERNEL_PATH": path}
+        out = tmp_path / f"out_{len(printed)}.npz"
+        result = subprocess.run([sys.executable, "-m", "onnxopt", "run", lowered, "--data", data, "-o", out],
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, (path, result.returncode, result.stderr[-2000:])
+        printed.append(dict(np.load(out)))
+    for other in printed[1:]:
+        for name, value in printed[0].items():
+            np.testing.assert_array_equal(other[name], value)  # the same kernel arithmetic on both paths

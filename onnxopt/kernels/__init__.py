@@ -67,3 +67,15 @@ def drop_stale_numba_caches() -> None:
             stamp.write_text(digest)
     except Exception:  # noqa: BLE001
         pass
+
+
+def start_thread_pool() -> None:
+    """Start numba's thread pool before a cached kernel runs. A cached function that calls a parallel kernel links
+    against the pool's scheduler; when that caller was compiled against a callee loaded from the cache (the C path
+    compiled bit_conv_into, then the PyOp path compiled bit_conv around it), the cached caller no longer starts the
+    pool when it loads, and its first call jumps into a pool that is not there (segfault, or 'LLVM ERROR: Symbol
+    not found: allocate_sched'). `get_num_threads` starts the pool as a side effect (~10 ms). Called when
+    kernels/bitconv.py is imported, which every parallel kernel module imports."""
+    import numba
+
+    numba.get_num_threads()

@@ -22,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import drop_stale_numba_caches, simd
+from . import drop_stale_numba_caches, simd, start_thread_pool
 from . import geometry as convgeom
 from .simd import popcount
 
 drop_stale_numba_caches()  # before any function of this module or its callers loads from numba's cache
+start_thread_pool()  # before a cached kernel runs (a segfault otherwise: kernels.start_thread_pool)
 
 
 def _vector_popcount() -> bool:

@@ -40,21 +40,6 @@ MAX_INPUTS = 6
 OUT = MAX_INPUTS * SLOTS  # where the 4 output dims go, then the output's rank (OUT + 4)
 
 
-def _start_numba_threads() -> None:
-    """Start numba's thread pool, whose scheduler symbols the entry-point cfuncs link against when they are loaded
-    from numba's cache (without it: 'LLVM ERROR: Symbol not found: allocate_sched', which ends the process). numba
-    starts it on the first parallel call; its starter has no public name, so a tiny parallel call stands in
-    where that name is gone (~0.3 s more: it loads the kernel)."""
-    try:
-        from numba.np.ufunc.parallel import _launch_threads
-    except ImportError:
-        x = np.zeros((1, 1, 3, 3), np.float32)
-        bitconv.bit_conv(x, np.zeros((1, 1, 1, 1), np.uint64), np.ones(1, np.float32), np.zeros(1, np.float32),
-                         np.array([2, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1], np.int64))
-    else:
-        _launch_threads()
-
-
 PROBLEMS = (
     "",
     "onnxopt: geometry must be int64 values within range (11 for BitConv; 11 + activation levels 1..4 for "
@@ -343,8 +328,6 @@ def _provide(op_types) -> None:
     for op_type in missing:
         kernel_module, kernel = ENTRY_KERNELS[op_type]
         compile_notice(getattr(importlib.import_module(kernel_module), kernel))
-    if missing and not _state["ready"]:
-        _start_numba_threads()
     for op_type in missing:
         index, module = ENTRY_MODULES[op_type]
         shape, compute = importlib.import_module(module).ENTRY_POINTS[op_type]
