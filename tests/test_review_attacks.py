@@ -485,3 +485,44 @@ def test_pyop_after_the_c_path_in_a_fresh_cache(tmp_path):
     for other in printed[1:]:
         for name, value in printed[0].items():
             np.testing.assert_array_equal(other[name], value)  # the same kernel arithmetic on both paths
+
+
+TINY_KERNEL = ("import numpy as np; from onnxopt.kernels import bitconv; "
+               "print(bitconv.output_shape(1, 8, 8, 3, 3, 4, np.array([2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 4], np.int64)))")
+
+
+class _Payload:
+    """What another local user plants as a numba cache index: unpickling it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_planted_numba_cache_is_not_loaded(tmp_path):
+    """numba unpickles its cache index: a cache folder others can write into (NUMBA_CACHE_DIR, ~/.cache/numba)
+    ran a planted index as the victim. Such a folder is passed over now, with one warning."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    private, shared, marker = tmp_path / "private", tmp_path / "shared", tmp_path / "planted-code-ran"
+    ran = subprocess.run([sys.executable, "-c", TINY_KERNEL], env={**os.environ, "NUMBA_CACHE_DIR": str(private)},
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert list(private.rglob("*.nbi"))  # the names numba looks up for these kernels
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # writable by every local user, not sticky
+    for made in private.rglob("*.*"):  # the indexes, planted; the rest (source digests) as they are
+        planted = shared / made.relative_to(private)
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(pickle.dumps(_Payload(marker)) if made.suffix == ".nbi" else made.read_bytes())
+    victim = subprocess.run([sys.executable, "-c", TINY_KERNEL], env={**os.environ, "NUMBA_CACHE_DIR": str(shared)},
+                            capture_output=True, text=True, timeout=300)
+    assert victim.returncode == 0, victim.stderr
+    assert not marker.exists(), "the planted cache index ran"
+    assert "not using numba's cache" in victim.stderr and "writable by others" in victim.stderr, victim.stderr
+    assert victim.stdout == ran.stdout

@@ -32,6 +32,7 @@ from numba import carray, njit, types
 from ..graph import schemas as ops
 from ..graph.schemas import MAX_LEVELS
 from ..kernels import bitconv, chain
+from ..kernels.cache import unsafe_because
 from ..kernels.geometry import MAX_PAD, MAX_STEP, MAX_WORK_BYTES
 
 SOURCE = Path(__file__).with_name("ortshim.c")
@@ -234,24 +235,6 @@ _state: dict = {}  # "path": the loaded library's path, or "error": why the C pa
 def _cache_dir() -> Path:
     folder = os.environ.get("ONNXOPT_CACHE_DIR")
     return Path(folder) if folder else Path.home() / ".cache" / "onnxopt"
-
-
-def unsafe_because(path: Path) -> str | None:
-    """Why native code under `path` could have been planted by another local user, or None: `path` must be
-    ours and writable by nobody else, and each folder above it ours or root's, and not writable by others
-    unless sticky (like /tmp, where others cannot rename our entries)."""
-    uid = os.getuid()
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror}"
-    if os.path.islink(path) or info.st_uid != uid or info.st_mode & 0o022:
-        return f"{path} is a link, not owned by you, or writable by group or others"
-    for folder in Path(os.path.realpath(path)).parents:
-        st = os.stat(folder)
-        if st.st_uid not in (0, uid) or (st.st_mode & 0o022 and not st.st_mode & 0o1000):
-            return f"{folder} (above {path}) is writable by others or not owned by you or root"
-    return None
 
 
 def _private_cache() -> Path:
