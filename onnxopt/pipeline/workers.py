@@ -63,16 +63,60 @@ def execute_on_ray(shared: tuple, each_steps: list, address: str, progress, labe
         raise UsageError("--ray needs Ray: pip install 'onnxopt[ray]'") from None
     if not ray.is_initialized():
         _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({first})") from None
+        _connect(ray, address)
     task = ray.remote(num_cpus=1, max_retries=0)(run_candidate)
     refs = [ray.put(a) for a in shared]
     pending = [task.remote(*refs, steps) for steps in each_steps]
-    done = (ray.get(ref) for ref in pending)  # in order: the bar moves as the oldest unfinished task ends
-    return list(progress(done, label) if progress else done)
+    done = _in_order(ray, pending)
+    try:
+        return list(progress(done, label) if progress else done)
+    except BaseException:
+        # a signal or a failed candidate: the cluster would run the rest of the queue for nobody
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _in_order(ray, pending: list):
+    """The tasks' results in order (the bar moves as the oldest unfinished task ends). A SIGTERM or SIGINT raised
+    inside Ray's compiled calls surfaces as a SystemError, so while waiting here a signal is only recorded, and
+    raised again between waits, where this process's own handler turns it into Terminated or KeyboardInterrupt."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    watched = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in watched}
+    try:
+        for ref in pending:
+            while not received and not ray.wait([ref], timeout=0.25)[0]:
+                pass
+            if received:
+                break
+            yield ray.get(ref)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        signal.raise_signal(received[0])
+
+
+def _connect(ray, address: str) -> None:
+    """ray.init, keeping this process's SIGTERM handler: Ray replaces it with one that dumps a stack and exits 1,
+    so a terminated sweep skipped its cleanup (cancelling the tasks, exit 143)."""
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--ray {address}: cannot connect to a Ray cluster ({first})") from None
+    finally:
+        if in_main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def run_candidate(source_bytes: bytes, gate: dict, scoring: dict, steps: list) -> dict:

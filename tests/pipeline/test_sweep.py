@@ -198,3 +198,35 @@ def test_bad_ray_address():
                         (["--ray", "auto", "--jobs", "2"], "replaces --jobs")):
         r = cli("sweep", MODELS / "mlp.onnx", "--data", MODELS / "mlp_test.npz", "--grid", "factor.rank=0.1", *extra)
         assert r.returncode == 2 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _busy_ray_workers() -> list[str]:
+    """Ray worker processes running a candidate (Ray names a worker's process after the task it runs)."""
+    found = subprocess.run(["pgrep", "-f", "ray::run_candidate"], capture_output=True, text=True).stdout.split()
+    return [pid for pid in found if pid != str(os.getpid())]
+
+
+@pytest.mark.slow
+def test_a_signal_cancels_the_ray_tasks(ray_head):
+    """SIGTERM to a sweep on Ray: ray.init had replaced onnxopt's handler with its own (a stack dump, exit 1, no
+    cleanup). Now: exit 143, and no worker runs a candidate a few seconds after the signal (loose bound: 20 s).
+    Ray also tears a job's workers down when its driver exits; the explicit cancel is for a sweep that fails in a
+    process that goes on (the API)."""
+    import signal
+
+    address, env = ray_head
+    values = ",".join(str(v / 100) for v in range(1, 60))
+    proc = subprocess.Popen([sys.executable, "-m", "onnxopt", "sweep", str(MODELS / "mlp.onnx"), "--data",
+                             str(MODELS / "mlp_test.npz"), "--grid", f"factor.rank={values}", "--ray", address,
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not _busy_ray_workers():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, proc.stderr.read()
+    deadline = time.monotonic() + 20
+    while _busy_ray_workers():
+        assert time.monotonic() < deadline, f"Ray still runs candidates: {_busy_ray_workers()}"
+        time.sleep(0.5)
