@@ -287,6 +287,18 @@ def _build() -> Path:
     return target
 
 
+def _hand_over_threading(library) -> None:
+    """Give ortshim.c numba's per-thread `set_num_threads` (registered with llvmlite once numba's thread pool
+    runs: kernels/bitconv.py's import starts it) and the pool's size, for its contention governor. Without it the
+    kernels use numba's setting as it is."""
+    from llvmlite import binding
+    from numba import config
+
+    address = binding.address_of_symbol("set_num_threads")
+    library.onnxopt_set_threading.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    library.onnxopt_set_threading(address, config.NUMBA_NUM_THREADS)
+
+
 def _load() -> str:
     path = _build()
     library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
@@ -294,6 +306,7 @@ def _load() -> str:
     library.onnxopt_set_problems.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     library.onnxopt_set_problems(ctypes.cast(texts, ctypes.c_void_p), len(PROBLEMS))
     library.onnxopt_set_kernels.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    _hand_over_threading(library)
     _state["library"], _state["texts"] = library, texts  # the C side points into these
     _state["ready"] = set()
     return str(path)

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef void OrtStatus;
 typedef void OrtApi;
@@ -154,6 +155,47 @@ static int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 
 static int op_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static int op_one(const OpTable *op) { (void)op; return 1; }
 
+/* ---- kernel threads under contention ----
+ * numba's parallel kernels split a layer between its threads and wait for the slowest. When another process
+ * takes a core, the thread on it is descheduled for milliseconds and every layer waits for it (YOLOv8n lowered:
+ * 37x slower beside one busy process, where float onnxruntime slows 2.2x; benchmarks/cpu_hog.py). A call whose
+ * calling thread got less than half its wall time on a CPU was waiting on such a thread (or was descheduled
+ * itself): after WAITED_CALLS such calls in a row the kernels run on the calling thread alone for SERIAL_S, after
+ * which parallel calls probe again. Calls shorter than JUDGED_NS are too noisy to judge. Races between sessions on this state are benign. */
+#define SERIAL_S 2
+#define JUDGED_NS 50000
+#define WAITED_CALLS 3  /* in a row: one slow call (a first call, a page fault storm) is not contention */
+volatile int64_t onnxopt_serial_until;  /* CLOCK_MONOTONIC seconds (a test sets it) */
+static volatile int waited_in_a_row;
+int64_t onnxopt_serial_switches;  /* how often the governor went serial (read by tests and benchmarks) */
+static int64_t nanoseconds(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+typedef void (*SetThreadsFn)(int);
+static SetThreadsFn set_threads;  /* numba's threading layer: the calling thread's count for parallel regions */
+static int all_threads;
+void onnxopt_set_threading(void *set_num_threads, int64_t threads) {
+    set_threads = (SetThreadsFn)set_num_threads;
+    all_threads = (int)threads;
+}
+static int64_t governed_compute(ComputeFn fn, void **data, int64_t *dims) {
+    int64_t wall = nanoseconds(CLOCK_MONOTONIC), cpu = nanoseconds(CLOCK_THREAD_CPUTIME_ID);
+    int parallel = wall / 1000000000 >= onnxopt_serial_until;
+    if (set_threads && all_threads > 0) set_threads(parallel ? all_threads : 1);
+    int64_t code = fn(data, dims);
+    int64_t took = nanoseconds(CLOCK_MONOTONIC) - wall, busy = nanoseconds(CLOCK_THREAD_CPUTIME_ID) - cpu;
+    if (parallel && took >= JUDGED_NS) {
+        waited_in_a_row = 2 * busy < took ? waited_in_a_row + 1 : 0;
+        if (waited_in_a_row >= WAITED_CALLS) {
+            onnxopt_serial_until = (wall + took) / 1000000000 + SERIAL_S;
+            waited_in_a_row = 0;
+            onnxopt_serial_switches++;
+        }
+    }
+    return code;
+}
 static OrtStatus *compute(void *kernel, void *context) {
     const Op *op = (const Op *)kernel;
     void *data[MAX_INPUTS + 1];
@@ -177,7 +219,7 @@ static OrtStatus *compute(void *kernel, void *context) {
     if ((status = CALL(KERNEL_CONTEXT_GET_OUTPUT, GetOutputFn)(context, 0, shape, (size_t)out_dims[4], &output)))
         return status;
     if ((status = CALL(GET_TENSOR_MUTABLE_DATA, MutableDataFn)(output, &data[MAX_INPUTS]))) return status;
-    code = compute_fns[op->index](data, dims);
+    code = governed_compute(compute_fns[op->index], data, dims);
     return code ? problem(code) : NULL;
 }
 

@@ -219,3 +219,30 @@ def test_a_planted_library_in_the_cache_never_runs(library, tmp_path, setup):
         assert "not using the kernel cache" in out.stderr and "writable by" in out.stderr, out.stderr
     else:
         assert f"C ABI ({target})" in out.stdout  # rebuilt in place: the recorded digest is ours now
+
+
+def test_the_contention_governor_changes_threads_not_bits(library):
+    """ortshim.c runs the kernels on the calling thread alone while another process takes a core (its contention
+    governor; benchmarks/cpu_hog.py measures the effect): forced serial, a lowered model's outputs are the same
+    bits as with all of numba's threads. The governor was handed numba's set_num_threads."""
+    import ctypes
+    import time
+
+    from llvmlite import binding
+
+    assert binding.address_of_symbol("set_num_threads")  # what cabi hands over; None would leave the governor idle
+    rng = np.random.default_rng(3)
+    model = conv_model(rng.standard_normal((96, 64, 3, 3)).astype(np.float32), pads=[1, 1, 1, 1])
+    lowered, _ = api.binarize(model)
+    feeds = {"X": rng.standard_normal((4, 64, 28, 28)).astype(np.float32)}
+    sess = _session(lowered, library)
+    serial_until = ctypes.c_int64.in_dll(cabi._state["library"], "onnxopt_serial_until")
+    saved = serial_until.value
+    try:
+        serial_until.value = 0
+        (parallel,) = sess.run(None, feeds)
+        serial_until.value = int(time.monotonic()) + 3600
+        (serial,) = sess.run(None, feeds)
+    finally:
+        serial_until.value = saved
+    assert np.array_equal(parallel, serial)

@@ -1,0 +1,89 @@
+"""Lowered vs float models with a second CPU-bound process on the machine: how much each slows down.
+
+A machine running a model is rarely quiet. The lowered model's kernel threads must not make it suffer more from a
+busy core than the float model does (a thread that spins or waits for a taken core stalls every layer). For each
+model: latency of the float model (plain onnxruntime) and of the lowered one (onnxopt.session), timed in
+alternating blocks, first on a quiet machine, then with one busy process (a Python loop) beside them. Printed: each
+side's slowdown under the hog and their quotient (lowered slowdown / float slowdown; ≤ 1 means the lowered model
+suffers no more than float), and how often the C path's contention governor (runtime/ortshim.c) went serial.
+Models: the sample CNN (all convs but the stem binarized) and real third-party ones (PP-OCR v2 cls, YOLOv8n at
+320: every conv but the stem), fetched as benchmarks/models_users_bring.py does.
+
+    python benchmarks/cpu_hog.py [--cache DIR] [--batch 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from common import alternating_ms, isa_label
+from models_users_bring import MODELS as REAL, fetch, photo, stem, text_lines
+
+import onnxopt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def models(cache: Path, batch: int):
+    """(name, float model path, lowered model, feeds) per model."""
+    test = np.load(ROOT / "models" / "cnn_test.npz")["input"][:batch]
+    yield "sample CNN", ROOT / "models" / "cnn.onnx", ["first_conv"], {"input": test}
+    folders = fetch(cache)
+    for name, feed in (("ppocr_cls", {"x": text_lines(batch, 48, 192, rotate=True)}),
+                       ("yolov8n_320", {"images": np.repeat(photo(320), batch, 0)})):
+        wheel, file, _ = REAL[name]
+        path = folders[wheel] / file
+        yield name, path, [stem(onnx.load(str(path)))], feed
+
+
+def serial_switches() -> int:
+    import ctypes
+
+    from onnxopt.runtime import cabi
+
+    return ctypes.c_int64.in_dll(cabi._state["library"], "onnxopt_serial_switches").value
+
+
+def timed(sessions, feed):
+    return alternating_ms([lambda s=s: s.run(None, feed) for s in sessions], rounds=5, block=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxopt-models")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    print(f"kernel: {isa_label()}, {os.cpu_count()} cores, batch {args.batch}; ms are medians")
+    print("| model | float quiet | float hog | lowered quiet | lowered hog | float slowdown | lowered slowdown "
+          "| quotient | went serial (quiet / hog) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, path, skip, feed in models(args.cache, args.batch):
+        lowered, _ = onnxopt.binarize(str(path), skip=skip)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        fast = onnxopt.session(lowered)
+        before = serial_switches()
+        quiet = timed([plain, fast], feed)
+        switched_quiet = serial_switches() - before
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            busy = timed([plain, fast], feed)
+            switched_busy = serial_switches() - before - switched_quiet
+        finally:
+            hog.kill()
+            hog.wait()
+        f_slow, l_slow = busy[0] / quiet[0], busy[1] / quiet[1]
+        print(f"| {name} | {quiet[0]:.2f} | {busy[0]:.2f} | {quiet[1]:.2f} | {busy[1]:.2f} | {f_slow:.2f}x | "
+              f"{l_slow:.2f}x | {l_slow / f_slow:.2f} | {switched_quiet} / {switched_busy} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
