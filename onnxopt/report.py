@@ -25,6 +25,13 @@ class LayerReport:
     bytes_before: int = 0
     bytes_after: int = 0
     channels: str | None = None  # prune: "in 64->32, out 128->64"
+    module: str = ""  # the torch module path the layer came from (graph.selection.module_path), if any
+
+
+def shown_name(name: str, module: str = "") -> str:
+    """A layer as reports and `inspect` show it: its module path as the user's framework wrote it, then the
+    node name (`layer1.0.conv1 (node_Conv_81)`), or the node name alone."""
+    return f"{module} ({name})" if module and module != name else name
 
 
 @dataclass
@@ -85,10 +92,11 @@ class Report:
         rows = []
         for x in self.layers:
             if x.action == "skipped":
-                rows.append([x.name, x.op_type, x.shape, f"skipped: {x.reason}", "", "", "", "", ""])
+                rows.append([shown_name(x.name, x.module), x.op_type, x.shape, f"skipped: {x.reason}", "", "", "",
+                             "", ""])
                 continue
             rank = "" if x.rank is None else f"{x.rank}/{x.full_rank}" if x.full_rank else str(x.rank)
-            rows.append([x.name, x.op_type, x.shape, x.action, rank, x.channels or "",
+            rows.append([shown_name(x.name, x.module), x.op_type, x.shape, x.action, rank, x.channels or "",
                          _arrow(x.params_before, x.params_after), _arrow(x.flops_before, x.flops_after),
                          "" if x.error is None else f"{x.error:.2e}"])
         t = self.totals()
@@ -220,9 +228,9 @@ def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
 def inspect_table(result: dict) -> str:
     """`onnxopt inspect`'s table: a row per layer, then the model's totals and notes."""
     head = ["layer", "op", "weight", "stored", "params", "FLOPs/sample", "factor", "binarize"]
-    table = [[r["name"], r["op_type"], r["weight_shape"] or "-", r["stored"] or "float",
-              "-" if r["params"] is None else f"{r['params']:,}", "?" if r["flops"] is None else f"{r['flops']:,}",
-              r["factor"], r["binarize"]] for r in result["layers"]]
+    table = [[shown_name(r["name"], r.get("module", "")), r["op_type"], r["weight_shape"] or "-",
+              r["stored"] or "float", "-" if r["params"] is None else f"{r['params']:,}",
+              "?" if r["flops"] is None else f"{r['flops']:,}", r["factor"], r["binarize"]] for r in result["layers"]]
     t = result["totals"]
     lines = _columns(head, table)
     lines.append(f"model: {t['layers']} layers, {t['params']:,} weights ({_size(t['weight_bytes'])}), file "

@@ -58,6 +58,15 @@ def layer_paths(node: onnx.NodeProto) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for p in paths if p))
 
 
+def module_path(node: onnx.NodeProto) -> str:
+    """The module path reports show beside the node name ('' when none): the weight's parameter path first (a
+    dynamo-fused conv's scopes name its BatchNormalization, its weight keeps the conv's name), else the first of
+    `layer_paths`."""
+    paths = layer_paths(node)
+    weight = node.input[1][: -len(".weight")] if len(node.input) > 1 and node.input[1].endswith(".weight") else ""
+    return weight if weight in paths else (paths[0] if paths else "")
+
+
 def matches(name: str, pattern: str, paths: tuple[str, ...] = ()) -> bool:
     if name == pattern or fnmatch.fnmatchcase(name, pattern):
         return True

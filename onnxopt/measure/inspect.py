@@ -9,6 +9,7 @@ from ..graph import schemas as ops
 from ..graph.context import GraphContext
 from ..graph.flops import model_weights, node_flops, stored_weight
 from ..graph.nodes import op_key, subgraphs
+from ..graph.selection import module_path
 from ..passes.binarize import conv as binarize_pass
 from ..passes.binarize.options import BinarizeOptions
 from ..passes.factor import dense as factor_pass
@@ -50,7 +51,7 @@ def inspect_model(source: onnx.ModelProto, shapes: dict | None = None) -> dict:
         if not (custom or node.op_type in INT8_OPS or any(key in rules for rules in passes.values())):
             continue
         w, stored = stored_weight(node, ctx)
-        row = {"name": ctx.name_of(node), "op_type": node.op_type,
+        row = {"name": ctx.name_of(node), "module": module_path(node), "op_type": node.op_type,
                "weight_shape": "x".join(map(str, w.shape)) if w is not None else None,
                "params": int(w.size) if w is not None else None, "flops": node_flops(node, w, ctx), "stored": stored}
         for pass_name, rules in passes.items():

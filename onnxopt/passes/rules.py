@@ -25,7 +25,7 @@ from ..graph.nodes import (
     unique_node_names,
 )
 from ..graph.schemas import DOMAIN
-from ..graph.selection import Selection, layer_paths
+from ..graph.selection import Selection, layer_paths, module_path
 from ..report import LayerReport, Report
 
 Progress = Callable[[list, str], Iterable]
@@ -118,6 +118,9 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
         rewrites[node_key(node)] = rw
         report.layers[slot] = rw.layer
         report.warnings += [w for w in rw.warnings if w not in report.warnings]
+    modules = {ctx.name_of(node): module_path(node) for node in model.graph.node}
+    for layer in report.layers:
+        layer.module = layer.module or modules.get(layer.name, "")
     if rewrites:
         _splice(model, rewrites)
     return model, report

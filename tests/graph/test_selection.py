@@ -63,3 +63,18 @@ def test_json_report_says_what_each_pattern_matched(tmp_path):
     assert code == 0, err
     (entry,) = json.loads(out)["patterns"]
     assert entry["flag"] == "--skip" and len(entry["layers"]) == 4
+
+
+def test_reports_and_inspect_name_layers_by_module_path():
+    """A dynamo export's nodes are `node_Conv_295`: reports and `inspect` showed only that, although `--skip
+    layer1.0.conv1` matched it. Both show the module path now, with the node name."""
+    from onnxopt.report import inspect_table
+
+    model = DATA / "resnet18_tiny_dynamo.onnx"
+    rows = {r["name"]: r for r in onnxopt.inspect(model)["layers"]}
+    assert rows["node_Conv_295"]["module"] == "layer1.0.conv1"  # the conv's weight, not the fused BN's scope
+    assert "layer1.0.conv1 (node_Conv_295)" in inspect_table(onnxopt.inspect(model))
+    _, report = onnxopt.factor(model, rank="0.5", conv_mode="channel", skip=["layer1.0.conv1"])
+    shown = report.table()
+    assert "layer1.0.conv1 (node_Conv_295)" in shown and "skipped" in shown.split("layer1.0.conv1 (")[1][:200]
+    assert "layer2.0.conv2 (node_Conv_310)" in shown
