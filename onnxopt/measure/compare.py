@@ -18,9 +18,12 @@ def compare_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed
     return difference_report(run(reference, feeds, optimize=False), run(candidate, feeds, optimize=False), feeds)
 
 
-def difference_report(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], feeds) -> dict:
-    """{"samples", "outputs": per output max abs/rel difference, "max_rel"} of two models' outputs on `feeds`."""
-    samples = len(next(iter(feeds.values()))) if feeds else 0
+def difference_report(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], feeds,
+                      samples: int | None = None) -> dict:
+    """{"samples", "outputs": per output max abs/rel difference, "max_rel"} of two models' outputs on `feeds`
+    (`samples`: how many inputs they were, when not the feeds' first dim)."""
+    if samples is None:
+        samples = len(next(iter(feeds.values()))) if feeds else 0
     outputs = output_differences(reference, candidate)
     return {"samples": samples, "outputs": outputs,
             "max_rel": max((v["max_rel"] for v in outputs.values()), default=0.0)}

@@ -77,3 +77,13 @@ def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
         else:
             raise OnnxoptError(f"input '{name}' is {np.dtype(dtype)}: random inputs are numbers only, pass --data")
     return feeds
+
+
+def random_feed_batches(model: onnx.ModelProto, samples: int,
+                        shapes: dict | None = None) -> list[dict[str, np.ndarray]]:
+    """`samples` random inputs as a list of feeds: one feed when the batch dim is free, else as many feeds of the
+    model's fixed batch (a batch-1 export checked with --check 8 runs 8 feeds, not 1 sample), each its own seed."""
+    first = random_feeds(model, samples, shapes=shapes)
+    batch = next((v.shape[0] for v in first.values() if v.ndim), samples)
+    count = -(-samples // max(batch, 1))
+    return [first] + [random_feeds(model, samples, seed=i, shapes=shapes) for i in range(1, count)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from ..errors import GateFailed, OnnxoptError, UsageError
@@ -320,10 +321,9 @@ class Check:
             random_feeds(self.source, 1, shapes=self.shapes)
 
     def __call__(self, model, report):
-        from .. import runtime
         from ..graph.flops import model_flops, model_weights
         from ..measure.compare import difference_report
-        from ..measure.feeds import feeds_from, random_feeds
+        from ..measure.feeds import feeds_from, random_feed_batches
 
         (w0, b0), (w1, b1) = model_weights(self.source), model_weights(model)
         (f0, u0), (f1, u1) = model_flops(self.source, self.shapes), model_flops(model, self.shapes)
@@ -338,12 +338,14 @@ class Check:
         if not (c.wanted or c.min_speedup is not None):
             return model, report
         if c.data is not None:
-            feeds = feeds_from(c.data, self.source)
+            batches = [feeds_from(c.data, self.source)]
         else:
-            feeds = random_feeds(self.source, c.check or 8, shapes=self.shapes)
+            batches = random_feed_batches(self.source, c.check or 8, shapes=self.shapes)
+        feeds = batches[0]
         if c.wanted:  # each model runs once: the differences and the score read the same outputs
-            before, after = runtime.run(self.source, feeds, optimize=False), runtime.run(model, feeds, optimize=False)
-            report.check = difference_report(before, after, feeds)
+            before, after = (_outputs_of(m, batches) for m in (self.source, model))
+            samples = None if c.data is not None else c.check or 8
+            report.check = difference_report(before, after, feeds, samples)
         if c.data is not None:
             from ..measure.scores import Scorer, require_scores
 
@@ -357,6 +359,14 @@ class Check:
             report.latency = alternating_latency(self.source, model, {k: v[:8] for k, v in feeds.items()})
         report.steps.append(self.name)
         return model, report
+
+
+def _outputs_of(model, batches: list[dict]) -> dict[str, np.ndarray]:
+    """The model's outputs on each feed of `batches`, stacked per output (one feed: its outputs as they are)."""
+    from .. import runtime
+
+    runs = [runtime.run(model, feeds, optimize=False) for feeds in batches]
+    return runs[0] if len(runs) == 1 else {name: np.stack([r[name] for r in runs]) for name in runs[0]}
 
 
 @dataclass

@@ -288,3 +288,20 @@ def test_the_cli_imports_neither_numpy_nor_onnx_before_a_command_runs():
     code = "import sys, onnxopt.cli; print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_check_n_on_a_fixed_batch_model_runs_n_inputs():
+    """`--check 4` on a batch-1 export checked 1 sample (the random batch could only be the model's): it runs 4
+    feeds of one sample now, each its own random input."""
+    import numpy as np
+    import onnx
+
+    from onnxopt.measure.feeds import random_feed_batches
+
+    model = ROOT / "tests" / "data" / "resnet18_tiny_dynamo.onnx"
+    _, report = onnxopt.factor(model, rank="0.5", conv_mode="channel", check=4)
+    assert report.check["samples"] == 4
+    batches = random_feed_batches(onnx.load(str(model)), 4)
+    assert len(batches) == 4 and not np.array_equal(batches[0]["input"], batches[1]["input"])
+    _, report = onnxopt.factor(MODELS / "mlp.onnx", rank="0.5", check=5)  # a free batch dim: one feed of 5
+    assert report.check["samples"] == 5
