@@ -47,14 +47,31 @@ def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.
     return feeds
 
 
+def table_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used as indices into a constant table (Gather's indices over an initializer, e.g. token ids
+    into an embedding): the number of rows they may index (the smallest, when several tables read one input)."""
+    inputs = set(graph_inputs(model))
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    rows: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in inputs:
+            continue
+        dims = tables.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+            rows[node.input[1]] = min(rows.get(node.input[1], dims[axis]), dims[axis])
+    return rows
+
+
 def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
                  shapes: dict | None = None) -> dict[str, np.ndarray]:
-    """Random float inputs, and ones for integer inputs (token ids and masks: 1 is a valid id for any embedding
-    table of two rows or more, and a mask of ones attends everywhere); a symbolic first dim becomes `samples`,
-    other symbolic dims need --input-shape or --data."""
+    """Random float inputs; integer inputs that index a table (token ids into a Gather's embedding) are random
+    rows of it, other integer inputs ones (a mask of ones attends everywhere); a symbolic first dim becomes
+    `samples`, other symbolic dims need --input-shape or --data."""
     rng = np.random.default_rng(seed)
     feeds = {}
     given = shapes or {}
+    rows = table_rows(model)
     for name, vi in graph_inputs(model).items():
         tt = vi.type.tensor_type
         dims = []
@@ -71,7 +88,7 @@ def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
                                    f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.integer):
-            feeds[name] = np.ones(dims, dtype)
+            feeds[name] = rng.integers(0, rows[name], dims).astype(dtype) if name in rows else np.ones(dims, dtype)
         elif np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         else:
