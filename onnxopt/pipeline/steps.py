@@ -193,15 +193,16 @@ class Quantize(_ScoringStep):
         return new, report
 
     def _four_bit(self, model, report):
-        """Weight-only 4-bit MatMuls (passes/quantize/int4.py), with the same --max-drop search as int8."""
+        """Weight-only 4-bit MatMuls and Gather tables (passes/quantize/int4.py), with the same --max-drop search as
+        int8."""
         from ..passes.quantize import int4
         from ..passes.quantize import int8 as q
 
         named, o = q.name_nodes(model), self.options
         selection = self.select.selection()
-        include, step_report = int4.candidates(named, selection, o.block_size)
-        step_report.patterns = _check_patterns(selection, candidate_layers(named, int4.rules()),
-                                               "MatMul")
+        include, step_report = int4.candidates(named, selection, o.block_size, o.algorithm)
+        step_report.patterns = _check_patterns(selection, candidate_layers(named, int4.rules(o.algorithm)),
+                                               "MatMul or Gather")
 
         def quantize(names):
             return int4.quantize_4bit(named, names, o.block_size, o.algorithm)

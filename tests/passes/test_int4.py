@@ -75,3 +75,54 @@ def test_4bit_output_matches_a_numpy_dequantization(tmp_path):
     got = onnxopt.session(q4).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ dequant, rtol=1e-4, atol=1e-4 * float(np.abs(got).max()))
     assert np.abs(dequant - w).max() < 0.25 * np.abs(w).max()  # and it is w, at 4 bits
+
+
+def _embedding_model(ir_version: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["h"], name="embed", axis=0),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 32])],
+        [numpy_helper.from_array(rng.standard_normal((100, 64)).astype(np.float32), "emb"),
+         numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
+
+
+def test_embedding_tables_are_4bit_where_the_ir_allows():
+    """Token embeddings (half of MiniLM's weights) were no candidate of any command. A Gather's table is quantized
+    to 4 bits in blocks along each row (GatherBlockQuantized), keeping the input's opsets and IR version (the
+    quantizer raised the default opset to 21); before IR 10 (no uint4 tensors) it is declined with that reason."""
+    model = _embedding_model(10)
+    out, report = onnxopt.quantize(model, weight_bits=4)
+    kinds = {n.op_type for n in out.graph.node}
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= kinds and "Gather" not in kinds
+    assert {(o.domain, o.version) for o in out.opset_import} == {("", 17), ("com.microsoft", 1)}
+    assert out.ir_version == 10
+    # the gathered rows themselves (the MatMul left float): each value within half a 4-bit step of its block of
+    # 32 along the row, (max - min) / 15 / 2, the bound of round-to-nearest with a zero point; wrong rows, a
+    # wrong block axis or a table left float would miss it (float32 rounding: 1e-5)
+    only_rows, _ = onnxopt.quantize(model, weight_bits=4, only=["embed"])
+    table = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    ids = np.random.default_rng(1).integers(0, 100, (3, 5))
+    sess = onnxopt.session(_with_output(only_rows, "h"))
+    got = sess.run(["h"], {"ids": ids})[0]
+    blocks = table.reshape(100, 2, 32)
+    half_step = ((blocks.max(-1) - blocks.min(-1)) / 15 / 2)[ids]  # [3, 5, 2]
+    err = np.abs(got - table[ids]).reshape(3, 5, 2, 32)
+    assert (err <= half_step[..., None] + 1e-5).all() and err.max() > 0
+    rows = {x.name: x for x in report.layers}
+    assert rows["embed"].action == "quantized" and rows["embed"].bytes_after < rows["embed"].bytes_before / 5
+    old, report = onnxopt.quantize(_embedding_model(8), weight_bits=4)
+    assert "Gather" in {n.op_type for n in old.graph.node} and old.ir_version == 8
+    assert "needs IR 10" in {x.name: x for x in report.layers}["embed"].reason
+
+
+def _with_output(model, name):
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return model

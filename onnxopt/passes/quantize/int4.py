@@ -1,7 +1,9 @@
-"""4-bit weight-only quantization of MatMul weights through onnxruntime's MatMulNBits quantizer (what MatMul-heavy
-models on CPUs use: weights in blocks of `block_size` along the input axis, one float scale and a 4-bit zero point
-per block; activations stay float). The rewrite is onnxruntime's; this module chooses the layers (the same
-selection as every pass), runs it on a copy and reports per layer. The output imports `com.microsoft`, the domain
+"""4-bit weight-only quantization through onnxruntime's MatMulNBits quantizer (what MatMul-heavy models on CPUs
+use): MatMul weights in blocks of `block_size` along the input axis, one float scale and a 4-bit zero point per
+block, activations float; and embedding tables read by Gather (GatherBlockQuantized: blocks along each row,
+dequantized per gathered row; a transformer's token embedding is often half its weights). The rewrite is
+onnxruntime's; this module chooses the layers (the same selection as every pass), runs it on a copy and reports
+per layer. The output imports `com.microsoft`, the domain
 of onnxruntime's contrib ops, which every onnxruntime build (C, C++, C#, Java, mobile) runs.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import logging
 import warnings
 
+import numpy as np
 import onnx
 
 from ...errors import OnnxoptError
@@ -36,21 +39,54 @@ class MatMulWeightRule(Rule):
         return None
 
 
-def rules() -> dict:
-    return {("", "MatMul"): MatMulWeightRule()}
+class GatherTableRule(Rule):
+    """Gather (axis 0) of rows from a constant 2-D float32 initializer table, as GatherBlockQuantized. Its 4-bit
+    table is an ONNX uint4 tensor, which needs IR version 10; onnxruntime's HQQ gives float zero points, which
+    GatherBlockQuantized does not take."""
+
+    def __init__(self, algorithm: str = "rtn"):
+        self.algorithm = algorithm
+
+    def applies(self, node, ctx):
+        """A layer only when it reads rows of a weight table (not a Gather over shapes or indices)."""
+        table = ctx.constant(node.input[0])
+        return table is not None and table.ndim >= 2 and np.issubdtype(table.dtype, np.floating)
+
+    def check(self, node, ctx):
+        table = ctx.constant(node.input[0])
+        if node.input[0] not in {t.name for t in ctx.model.graph.initializer}:
+            return "table is computed (not an initializer)"
+        if table.dtype != np.float32 or table.ndim != 2:
+            return f"table is {table.ndim}-D {table.dtype}: 2-D float32 tables are quantized"
+        if next((a.i for a in node.attribute if a.name == "axis"), 0) not in (0, -2):
+            return "gathers along axis 1: rows (axis 0) are quantized"
+        if ctx.model.ir_version < 10:
+            return f"IR version {ctx.model.ir_version}: a 4-bit table is a uint4 tensor, which needs IR 10"
+        if self.algorithm != "rtn":
+            return f"--algorithm {self.algorithm} gives float zero points, which GatherBlockQuantized does not take"
+        return None
 
 
-def candidates(model: onnx.ModelProto, selection, block_size: int) -> tuple[list[str], Report]:
+def rules(algorithm: str = "rtn") -> dict:
+    return {("", "MatMul"): MatMulWeightRule(), ("", "Gather"): GatherTableRule(algorithm)}
+
+
+def candidates(model: onnx.ModelProto, selection, block_size: int,
+               algorithm: str = "rtn") -> tuple[list[str], Report]:
     ctx = GraphContext(model)
     report = Report(command="quantize")
     chosen = []
-    for node, name, _, reason in layer_verdicts(ctx, rules(), selection):
+    for node, name, _, reason in layer_verdicts(ctx, rules(algorithm), selection):
         row = LayerReport(name=name, op_type=node.op_type, reason=reason or "")
         if not reason:
-            w = ctx.constant(node.input[1])
-            k, n = w.shape
+            if node.op_type == "Gather":  # blocks along each row of the table: the same count as a weight's
+                w = ctx.constant(node.input[0])
+                n, k = w.shape
+            else:
+                w = ctx.constant(node.input[1])
+                k, n = w.shape
             blocks = -(-k // block_size) * n
-            row.shape, row.action = f"{k}x{n}", "quantized"
+            row.shape, row.action = "x".join(map(str, w.shape)), "quantized"
             row.params_before = row.params_after = int(w.size)
             row.bytes_before, row.bytes_after = int(w.nbytes), int(-(-k // 2) * n + blocks * 4 + -(-blocks // 2))
             chosen.append(node.name)
@@ -76,7 +112,11 @@ def quantize_4bit(model: onnx.ModelProto, include: list[str], block_size: int, a
                                "pip install 'onnxopt[train]', or use --algorithm rtn")
         config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
     else:
-        config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4)
+        # Gather only when one is chosen: with it in the list the quantizer raises the default opset to 21
+        gathers = any(n.op_type == "Gather" and n.name in include for n in work.graph.node)
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=4,
+                                                    op_types_to_quantize=("MatMul", "Gather") if gathers else None,
+                                                    quant_axes=(("MatMul", 0), ("Gather", 1)))
     with _quiet():
         # its nodes_to_include adds to the op types it takes anyway; only an exclude list restricts it
         others = sorted(_all_names(work.graph) - set(include))
@@ -85,7 +125,12 @@ def quantize_4bit(model: onnx.ModelProto, include: list[str], block_size: int, a
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     out = copy_model(out)
-    # the quantizer imports com.microsoft at version 1; everything else keeps the input's opsets
+    # the quantizer imports com.microsoft at version 1; everything else keeps the input's opsets (for a Gather it
+    # raises the default one to 21, which its uint4 table does not need: only GatherBlockQuantized reads it)
+    given = {o.domain: o.version for o in model.opset_import}
+    for opset in out.opset_import:
+        opset.version = given.get(opset.domain, opset.version)
+    out.ir_version = model.ir_version
     check_model(out, what="4-bit model")
     return out
 
@@ -96,8 +141,9 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def quantized_layers(model: onnx.ModelProto) -> set[str]:
-    """Names of the MatMuls onnxruntime replaced (MatMulNBits nodes keep the original name + '_Q4')."""
-    return {n.name.rsplit("_Q4", 1)[0] for n in model.graph.node if op_key(n) == (CONTRIB, "MatMulNBits")}
+    """Names of the MatMuls and Gathers onnxruntime replaced (its nodes keep the original name + '_Q4')."""
+    return {n.name.rsplit("_Q4", 1)[0] for n in model.graph.node
+            if op_key(n) in ((CONTRIB, "MatMulNBits"), (CONTRIB, "GatherBlockQuantized"))}
 
 
 @contextlib.contextmanager
