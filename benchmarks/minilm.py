@@ -10,7 +10,8 @@ of its sentence embeddings to the original's, nearest-neighbour agreement (each 
 sentence is the same one), and latency against the original at batch 1 and 8 (alternating blocks, 64 tokens).
 
     pip install torch==2.13.0 tokenizers safetensors
-    python benchmarks/minilm.py [--cache DIR]
+    pip install onnxscript   # for --exporter dynamo
+    python benchmarks/minilm.py [--cache DIR] [--exporter legacy|dynamo]
 """
 from __future__ import annotations
 
@@ -104,12 +105,21 @@ def encoder(weights: dict):
     return model
 
 
-def export(folder: Path, target: Path) -> None:
+def export(folder: Path, target: Path, exporter: str) -> None:
+    """The encoder as ONNX, batch and length dynamic: torch's legacy exporter (IR 8, opset 17) or its dynamo
+    exporter (IR 10, opset 20; needs onnxscript)."""
     import torch
     from safetensors.numpy import load_file
 
     model = encoder(load_file(str(folder / "model.safetensors")))
     ids = torch.ones((2, LENGTH), dtype=torch.int64)
+    if exporter == "dynamo":
+        batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=512)
+        program = torch.onnx.export(model, (ids, torch.ones_like(ids)), dynamo=True,
+                                    dynamic_shapes={"input_ids": {0: batch, 1: length},
+                                                    "attention_mask": {0: batch, 1: length}})
+        program.save(str(target), external_data=False)
+        return
     torch.onnx.export(model, (ids, torch.ones_like(ids)), str(target), input_names=["input_ids", "attention_mask"],
                       output_names=["embedding"], dynamic_axes={"input_ids": {0: "batch", 1: "length"},
                                                                 "attention_mask": {0: "batch", 1: "length"},
@@ -166,19 +176,20 @@ def embed(path, feeds) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxopt-models")
+    parser.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     args = parser.parse_args()
     folder = fetch(args.cache)
     work = Path(tempfile.mkdtemp(prefix="minilm-"))
     original = work / "minilm.onnx"
-    export(folder, original)
+    export(folder, original, args.exporter)
     texts = sentences()
     calib, held = tokenize(folder, texts[:256]), tokenize(folder, texts[-400:])
     np.savez(work / "calib.npz", **calib)
     reference = embed(original, held)
     probe = tokenize(folder, ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell."])
     e = embed(original, probe)
-    print(f"{isa_label()}, {os.cpu_count()} cores; {len(texts)} sentences, 256 calibration, 400 held out; sanity: "
-          f"cos(eating, eating) {e[0] @ e[1]:.3f}, cos(eating, market) {e[0] @ e[2]:.3f}")
+    print(f"{args.exporter} export; {isa_label()}, {os.cpu_count()} cores; {len(texts)} sentences, 256 calibration, "
+          f"400 held out; sanity: cos(eating, eating) {e[0] @ e[1]:.3f}, cos(eating, market) {e[0] @ e[2]:.3f}")
     runs = {"int8 (dynamic)": [("quantize", {})],
             "int4 (MatMulNBits, RTN, block 32)": [("quantize", {"weight_bits": 4})],
             "factor --budget params=0.5 --calibration": [("factor", {"budget": "params=0.5",
