@@ -74,7 +74,6 @@ def ensure_numba_cache() -> None:
     print(f"onnxopt: warning: {problem}; compiled kernels go to {config.CACHE_DIR} for this run", file=sys.stderr)
 
 
-
 def drop_stale_numba_caches() -> None:
     """numba keys a cached function on its own file's timestamp only, so a cached function keeps running the
     callees it was compiled with after their file changed (kernels/multibit.py, kernels/chain.py and the C entry
