@@ -95,15 +95,18 @@ def finetune(original: Model, transformed: Model, data, *, labels: str | None = 
 
 
 def apply(recipe: str | os.PathLike, model: Model, *, progress: Progress | None = None, output=None,
-          force: bool = False, external_data: bool = False, strict: bool = False,
-          allow_code: bool = False) -> tuple[onnx.ModelProto, Report]:
+          force: bool = False, external_data: bool = False, strict: bool = False, allow_code: bool = False,
+          calibration=None, finetune=None, data=None, labels: str | None = None) -> tuple[onnx.ModelProto, Report]:
     """Run a recipe (pipeline/recipe.py: [[step]] tables of commands and options, a [gate]) on `model`; the recipe is
     validated before the model is read. Raises GateFailed when a gate fails (nothing written), and with
     `strict` when no layer was changed. A recipe key that runs code (train_cmd, train_hook, ...) needs
-    `allow_code`."""
+    `allow_code`. `calibration`/`finetune`: data for every step that takes it, `data`/`labels`: the gate's; they
+    replace what the recipe names, so that one recipe serves any model."""
     from .pipeline import recipe as recipes
 
-    loaded = recipes.load(recipe, allow_code=allow_code)
+    given = opt.ApplyOptions(recipe, model, allow_code=allow_code, calibration=calibration, finetune=finetune,
+                             data=data, labels=labels).given
+    loaded = recipes.load(recipe, allow_code=allow_code, given=given)
     save = opt.SaveOptions(output=output, force=force, external_data=external_data, strict=strict)
     source, files = _source(model)
     named = [v for _, options in loaded.steps for v in options.values()] + list(loaded.gate.values())

@@ -150,7 +150,8 @@ def _print_report_of(call, as_json: bool):
 
 @cli.command()
 @_generated_options((opt.ApplyOptions, opt.SaveOptions), model=None, json=REPORT_JSON, quiet=True)
-def apply(recipe, model_path, allow_code, output, force, external_data, strict, as_json, quiet):
+def apply(recipe, model_path, allow_code, calibration, finetune, data, labels, output, force, external_data, strict,
+          as_json, quiet):
     """Run a recipe: its [[step]] commands in order (factor, binarize, lower, quantize, with their options),
     then its [gate] on the final model against MODEL; nothing is written when a gate fails."""
     from . import api
@@ -158,7 +159,8 @@ def apply(recipe, model_path, allow_code, output, force, external_data, strict, 
 
     _print_report_of(lambda: api.apply(recipe, model_path, progress=_progress(quiet or as_json), force=force,
                                        output=output or default_output(model_path, "applied"),
-                                       external_data=external_data, strict=strict, allow_code=allow_code),
+                                       external_data=external_data, strict=strict, allow_code=allow_code,
+                                       calibration=calibration, finetune=finetune, data=data, labels=labels),
                       as_json)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import OnnxoptError
+from ..errors import OnnxoptError, UsageError
 from ..runtime.guard import check_feed, graph_inputs
 
 
@@ -63,16 +63,22 @@ def table_rows(model: onnx.ModelProto) -> dict[str, int]:
     return rows
 
 
-def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
-                 shapes: dict | None = None) -> dict[str, np.ndarray]:
+def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0, shapes: dict | None = None,
+                 values: dict | None = None) -> dict[str, np.ndarray]:
     """Random float inputs; integer inputs that index a table (token ids into a Gather's embedding) are random
-    rows of it, other integer inputs ones (a mask of ones attends everywhere); a symbolic first dim becomes
-    `samples`, other symbolic dims need --input-shape or --data."""
+    rows of it, other integer inputs ones (a mask of ones attends everywhere), inputs in `values` (--input-value)
+    that value everywhere; a symbolic first dim becomes `samples`, other symbolic dims need --input-shape or
+    --data."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    given = shapes or {}
+    given, values = shapes or {}, values or {}
     rows = table_rows(model)
-    for name, vi in graph_inputs(model).items():
+    inputs = graph_inputs(model)
+    unknown = sorted(set(values) - set(inputs))
+    if unknown:
+        raise UsageError(f"--input-value {unknown[0]}: the model has no input of that name "
+                         f"(inputs: {', '.join(inputs)})")
+    for name, vi in inputs.items():
         tt = vi.type.tensor_type
         dims = []
         if name in given:
@@ -87,7 +93,13 @@ def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
                 raise OnnxoptError(f"input '{name}' has an unknown dim {i} ('{d.dim_param or '?'}'): pass --data "
                                    f"or --input-shape {name}:{','.join(['N'] * len(tt.shape.dim))}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.integer):
+        if name in values:
+            value = values[name]
+            if np.issubdtype(dtype, np.integer) and value != int(value):
+                raise UsageError(f"--input-value {name}={value:g}: input '{name}' is {np.dtype(dtype)}, "
+                                 "give a whole number")
+            feeds[name] = np.full(dims, value, dtype)
+        elif np.issubdtype(dtype, np.integer):
             feeds[name] = rng.integers(0, rows[name], dims).astype(dtype) if name in rows else np.ones(dims, dtype)
         elif np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
@@ -96,11 +108,11 @@ def random_feeds(model: onnx.ModelProto, samples: int, seed: int = 0,
     return feeds
 
 
-def random_feed_batches(model: onnx.ModelProto, samples: int,
-                        shapes: dict | None = None) -> list[dict[str, np.ndarray]]:
+def random_feed_batches(model: onnx.ModelProto, samples: int, shapes: dict | None = None,
+                        values: dict | None = None) -> list[dict[str, np.ndarray]]:
     """`samples` random inputs as a list of feeds: one feed when the batch dim is free, else as many feeds of the
     model's fixed batch (a batch-1 export checked with --check 8 runs 8 feeds, not 1 sample), each its own seed."""
-    first = random_feeds(model, samples, shapes=shapes)
+    first = random_feeds(model, samples, shapes=shapes, values=values)
     batch = next((v.shape[0] for v in first.values() if v.ndim), samples)
     count = -(-samples // max(batch, 1))
-    return [first] + [random_feeds(model, samples, seed=i, shapes=shapes) for i in range(1, count)]
+    return [first] + [random_feeds(model, samples, seed=i, shapes=shapes, values=values) for i in range(1, count)]

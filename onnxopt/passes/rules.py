@@ -225,3 +225,20 @@ def constant_weight(node: onnx.NodeProto, ctx: GraphContext, index: int = 1, *, 
     if finite and not np.isfinite(w).all():
         return None, "weight has NaN or infinite values"
     return w, None
+
+
+class TableRule(Rule):
+    """Gather of rows from a constant 2-D float32 initializer table: an embedding (a transformer's token table is
+    often half its weights). A Gather over shapes or indices is no layer."""
+
+    def applies(self, node, ctx):
+        table = ctx.constant(node.input[0])
+        return table is not None and table.ndim >= 2 and np.issubdtype(table.dtype, np.floating)
+
+    def check(self, node, ctx):
+        table = ctx.constant(node.input[0])
+        if node.input[0] not in {t.name for t in ctx.model.graph.initializer}:
+            return "table is computed (not an initializer)"
+        if table.dtype != np.float32 or table.ndim != 2:
+            return f"table is {table.ndim}-D {table.dtype}: 2-D float32 tables are quantized"
+        return None

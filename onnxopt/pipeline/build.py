@@ -24,7 +24,8 @@ def build(command: str, source: onnx.ModelProto, groups: dict, *, protected=(), 
     """The steps of `command` for these options (from `registry.parse`): its rewrite, then check, gate, save.
     `given_bytes`: the input's size as given (its files), which the report compares the output with."""
     check, save = groups[opt.CheckOptions], groups[opt.SaveOptions]
-    measure = Check(source, check, shapes=groups[opt.ShapeOptions].shapes, given_bytes=given_bytes)
+    shape = groups[opt.ShapeOptions]
+    measure = Check(source, check, shapes=shape.shapes, values=shape.values, given_bytes=given_bytes)
     measure.check_inputs()  # before the rewrite's work
     steps = registry.command(command).rewrite(groups, progress, source)
     steps += [measure, Gate(check, strict=save.strict)]

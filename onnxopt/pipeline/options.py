@@ -147,8 +147,20 @@ class ShapeOptions:
 
     input_shape: tuple = option(help="Size of a graph input with symbolic dims, e.g. x:1,3,224,224 (repeatable).",
                                 metavar="NAME:D1,D2,...", repeat=True)
+    input_value: tuple = option(help="A value for every element of an input of the random check inputs, e.g. "
+                                     "sr=16000 (repeatable; default: token ids random rows of their table, other "
+                                     "integer inputs 1, floats normal).", metavar="NAME=V", repeat=True)
 
     def __post_init__(self):
+        self.values = {}
+        for text in self.input_value:
+            name, sep, value = str(text).rpartition("=")
+            try:
+                self.values[name] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise UsageError(f"invalid --input-value '{text}': expected NAME=V with V a number")
         self.shapes = {}
         for text in self.input_shape:
             name, sep, dims = str(text).rpartition(":")
@@ -230,6 +242,18 @@ class ApplyOptions:
     recipe: Any = option(help="The recipe.", metavar="RECIPE.toml", argument=True)
     model_path: Any = option(help="The model the recipe runs on.", metavar="MODEL", argument=True)
     allow_code: bool = option(False, ALLOW_CODE_HELP)
+    calibration: Any = option(help="Calibration data for every step that takes it (replaces the recipe's).",
+                              metavar="CALIB.npz", path=True)
+    finetune: Any = option(help="Fine-tuning data for every step that takes it (replaces the recipe's).",
+                           metavar="DATA.npz", path=True)
+    data: Any = option(help="The [gate]'s held-out data (replaces the recipe's).", metavar="DATA.npz", path=True)
+    labels: str | None = option(help="The [gate]'s array of class labels in --data.", metavar="KEY")
+
+    @property
+    def given(self) -> dict[str, Any]:
+        """The data named on the command line, by recipe key: a recipe need not name a model's data."""
+        keys = ("calibration", "finetune", "data", "labels")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass

@@ -8,8 +8,10 @@ CI step. The schema (one place, so that recipes written by hand and by tools agr
     [gate]                      optional; checked on the final model against MODEL, nothing written on failure
     data = "test.npz"           the gate options of every command: data, labels, max_drop, min_speedup, max_size,
     max_drop = 0.01             max_error, check
-Paths (calibration, data) are relative to the recipe file. Output options (output, force, ...) belong to
-`apply` itself, gates to [gate]; anything else is refused with the file and the key named (exit 2).
+Paths (calibration, data) are relative to the recipe file. A recipe meant for any model names no data: `apply
+--calibration/--finetune` give every step that takes them their data, `--data/--labels` the gate's (and replace
+the recipe's). Output options (output, force, ...) belong to `apply` itself, gates to [gate]; anything else is
+refused with the file and the key named (exit 2).
 """
 from __future__ import annotations
 
@@ -58,9 +60,14 @@ def _table(values: dict, allowed: dict[str, dataclasses.Field], where: str, base
     return {k: _typed(v, allowed[k], where, base) for k, v in values.items()}
 
 
-def load(path: str | Path, allow_code: bool = False) -> Recipe:
+GATE_DATA = ("data", "labels")  # what `given` puts into the [gate]; its other keys go to each step that takes them
+
+
+def load(path: str | Path, allow_code: bool = False, given: dict[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe: every step's options are parsed as the command would parse them, so a bad
-    recipe fails before the model is read. Keys that run code are refused unless `allow_code`."""
+    recipe fails before the model is read. Keys that run code are refused unless `allow_code`. `given`: data
+    named on the command line (calibration, finetune, data, labels; paths as given), which replace the recipe's."""
+    given = given or {}
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -80,6 +87,7 @@ def load(path: str | Path, allow_code: bool = False) -> Recipe:
     if not isinstance(gate, dict):
         raise UsageError(f"{path}: 'gate' must be a table")
     gate = _table(gate, _fields([opt.CheckOptions]), f"{path}: [gate]", base)
+    gate.update({k: v for k, v in given.items() if k in GATE_DATA})
     _prefixed(lambda: opt.CheckOptions(**gate), f"{path}: [gate]")
     steps = []
     for i, table in enumerate(steps_data, 1):
@@ -88,8 +96,10 @@ def load(path: str | Path, allow_code: bool = False) -> Recipe:
         if command not in COMMANDS:
             raise UsageError(f"{where}: 'run' must name a command ({', '.join(COMMANDS)}), got {command!r}")
         groups = [g for g in registry.command(command).groups if g not in STEP_EXCLUDED]
-        options = _table({k: v for k, v in table.items() if k != "run"}, _fields(groups), f"{where} ({command})",
-                         base, allow_code)
+        fields = _fields(groups)
+        options = _table({k: v for k, v in table.items() if k != "run"}, fields, f"{where} ({command})", base,
+                         allow_code)
+        options.update({k: v for k, v in given.items() if k in fields and k not in GATE_DATA})
         # parsed with the gate's options, as the step runs: a search (budget=auto) reads the gate's data
         _prefixed(lambda: registry.parse(command, {**options, **gate}), f"{where} ({command})")
         steps.append((command, options))

@@ -168,8 +168,8 @@ class Quantize(_ScoringStep):
             calibration = load_calibration(self.options.calibration, named)
         selection = self.select.selection()
         include, step_report = q.candidates(named, selection, dynamic=calibration is None)
-        step_report.patterns = _check_patterns(selection, q.candidate_layers(named, dynamic=calibration is None),
-                                               "Conv/Gemm/MatMul")
+        step_report.patterns = _check_patterns(selection, candidate_layers(named, q.rules(calibration is None)),
+                                               "Conv/Gemm/MatMul or embedding Gather")
 
         def quantize(names):
             return q.run_quantizer(named, names, calibration=calibration, per_channel=self.options.per_channel,
@@ -309,6 +309,7 @@ class Check:
     source: onnx.ModelProto
     check: opt.CheckOptions
     shapes: dict | None = None  # --input-shape sizes for symbolic inputs
+    values: dict | None = None  # --input-value: an input's value in the random check inputs
     given_bytes: int | None = None  # the input's size as given (its files); else the source's serialized size
     name: str = "check"
 
@@ -319,7 +320,7 @@ class Check:
 
         c = self.check
         if (c.wanted or c.min_speedup is not None) and c.data is None:
-            random_feeds(self.source, 1, shapes=self.shapes)
+            random_feeds(self.source, 1, shapes=self.shapes, values=self.values)
 
     def __call__(self, model, report):
         from ..graph.flops import model_flops, model_weights
@@ -341,7 +342,7 @@ class Check:
         if c.data is not None:
             batches = [feeds_from(c.data, self.source)]
         else:
-            batches = random_feed_batches(self.source, c.check or 8, shapes=self.shapes)
+            batches = random_feed_batches(self.source, c.check or 8, shapes=self.shapes, values=self.values)
         feeds = batches[0]
         if c.wanted:  # each model runs once: the differences and the score read the same outputs
             before, after = (_outputs_of(m, batches) for m in (self.source, model))

@@ -110,10 +110,13 @@ def test_speedup_gate_passes_when_met():
 # ---- recipes ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,model", [("mlp_budget_int8", "mlp"), ("cnn_int8", "cnn"), ("cnn_binary", "cnn")])
+@pytest.mark.parametrize("recipe,model", [("budget_int8", "mlp"), ("int8", "cnn"), ("int8", "mlp"),
+                                          ("pruned_int8", "cnn"), ("binary", "cnn")])
 def test_example_recipes_run_and_pass_their_gates(tmp_path, recipe, model):
+    """The example recipes name no data: one recipe serves the CNN and the MLP, given their data."""
     out = tmp_path / "out.onnx"
-    code, stdout, err = run_cli("apply", EXAMPLES / f"{recipe}.toml", MODELS / f"{model}.onnx", "-o", out, "--json")
+    code, stdout, err = run_cli("apply", EXAMPLES / f"{recipe}.toml", MODELS / f"{model}.onnx", "-o", out, "--json",
+                                "--calibration", MODELS / f"{model}_calib.npz", "--data", MODELS / f"{model}_test.npz")
     assert code == 0, err
     report = json.loads(stdout)
     onnx.checker.check_model(onnx.load(str(out)))
@@ -177,3 +180,25 @@ def test_recipe_paths_are_relative_to_the_recipe_and_auto_budgets_use_the_gate(t
     model, report = onnxopt.apply(path, MODELS / "mlp.onnx")
     assert report.budget["search"] and report.check["score"]["drop"] <= 0.01
     assert report.recipe["steps"][0]["score"]["drop"] == report.check["score"]["drop"]
+
+
+def test_command_line_data_fills_and_replaces_the_recipes(tmp_path):
+    """`apply --calibration/--data` give every step that takes them and the gate their data, replacing the
+    recipe's: without them a generic recipe's max_drop gate is a usage error naming --data."""
+    from onnxopt.pipeline import recipe as recipes
+
+    path = _recipe(tmp_path, '[[step]]\nrun = "factor"\nrank = 0.5\ncalibration = "mine.npz"\n[[step]]\n'
+                             'run = "quantize"\n[gate]\nmax_drop = 0.2\n')
+    with pytest.raises(UsageError, match="--max-drop needs --data"):
+        recipes.load(path)
+    calib, test = str(MODELS / "mlp_calib.npz"), str(MODELS / "mlp_test.npz")
+    loaded = recipes.load(path, given={"calibration": calib, "data": test, "labels": "label"})
+    assert [options.get("calibration") for _, options in loaded.steps] == [calib, calib]
+    assert loaded.gate["data"] == test and loaded.gate["labels"] == "label"
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli("apply", path, MODELS / "mlp.onnx", "-o", out, "--calibration", MODELS / "mlp_calib.npz",
+                           "--data", MODELS / "mlp_test.npz")
+    assert code == 0, err
+    _, report = onnxopt.apply(path, MODELS / "mlp.onnx", calibration=MODELS / "mlp_calib.npz",
+                              data=MODELS / "mlp_test.npz")
+    assert report.check["score"]["samples"] == 1000  # scored on the given --data

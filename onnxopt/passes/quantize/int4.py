@@ -12,7 +12,6 @@ import contextlib
 import logging
 import warnings
 
-import numpy as np
 import onnx
 
 from ...errors import OnnxoptError
@@ -20,7 +19,7 @@ from ...graph.context import GraphContext
 from ...graph.io import check_model
 from ...graph.nodes import copy_model, op_key, subgraphs
 from ...report import LayerReport, Report
-from ..rules import Rule, constant_weight, layer_verdicts
+from ..rules import Rule, TableRule, constant_weight, layer_verdicts
 
 CONTRIB = "com.microsoft"
 
@@ -39,25 +38,17 @@ class MatMulWeightRule(Rule):
         return None
 
 
-class GatherTableRule(Rule):
-    """Gather (axis 0) of rows from a constant 2-D float32 initializer table, as GatherBlockQuantized. Its 4-bit
-    table is an ONNX uint4 tensor, which needs IR version 10; onnxruntime's HQQ gives float zero points, which
-    GatherBlockQuantized does not take."""
+class GatherTableRule(TableRule):
+    """An embedding table as GatherBlockQuantized. Its 4-bit table is an ONNX uint4 tensor, which needs IR
+    version 10; onnxruntime's HQQ gives float zero points, which GatherBlockQuantized does not take."""
 
     def __init__(self, algorithm: str = "rtn"):
         self.algorithm = algorithm
 
-    def applies(self, node, ctx):
-        """A layer only when it reads rows of a weight table (not a Gather over shapes or indices)."""
-        table = ctx.constant(node.input[0])
-        return table is not None and table.ndim >= 2 and np.issubdtype(table.dtype, np.floating)
-
     def check(self, node, ctx):
-        table = ctx.constant(node.input[0])
-        if node.input[0] not in {t.name for t in ctx.model.graph.initializer}:
-            return "table is computed (not an initializer)"
-        if table.dtype != np.float32 or table.ndim != 2:
-            return f"table is {table.ndim}-D {table.dtype}: 2-D float32 tables are quantized"
+        reason = super().check(node, ctx)
+        if reason:
+            return reason
         if next((a.i for a in node.attribute if a.name == "axis"), 0) not in (0, -2):
             return "gathers along axis 1: rows (axis 0) are quantized"
         if ctx.model.ir_version < 10:

@@ -33,12 +33,14 @@ from ...graph.nodes import (
     unique_node_names,
 )
 from ...graph.schemas import DOMAIN
-from ...graph.selection import layer_paths
 from ...report import LayerReport, Report
-from ..rules import Rule, constant_weight, layer_verdicts
+from ..rules import Rule, TableRule, constant_weight, layer_verdicts
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")  # the layers with weights; onnxruntime quantizes the ops between them too
 DYNAMIC_OP_TYPES = ("Conv", "MatMul")  # what dynamic quantization has integer kernels for
+# Gather of an embedding table: an int8 table, each gathered row dequantized (static and dynamic alike)
+TABLE_OP = "Gather"
+
 BATCH = 32
 
 
@@ -54,7 +56,12 @@ class WeightedRule(Rule):
 
 def rules(dynamic: bool = False) -> dict:
     rule = WeightedRule(dynamic)
-    return {("", op): rule for op in OP_TYPES}
+    return {**{("", op): rule for op in OP_TYPES}, ("", TABLE_OP): TableRule()}
+
+
+def weight_input(node: onnx.NodeProto) -> int:
+    """Which input of a layer int8 quantizes: a Gather's table, else the weight."""
+    return 0 if node.op_type == TABLE_OP else 1
 
 
 class _Batches:
@@ -90,13 +97,16 @@ def _fold_weights(model: onnx.ModelProto) -> None:
     constants = Constants(graph)
     initializers = {t.name for t in graph.initializer}
     for node in graph.node:
-        if node.op_type not in OP_TYPES or len(node.input) < 2 or node.input[1] in initializers:
+        if node.op_type not in (*OP_TYPES, TABLE_OP) or len(node.input) < 2:
             continue
-        value = constants.get(node.input[1])
-        if value is not None:
-            folded = numpy_helper.from_array(value, f"{node.input[1]}/folded")
+        index = weight_input(node)
+        if node.input[index] in initializers:
+            continue
+        value = constants.get(node.input[index])
+        if value is not None and (node.op_type != TABLE_OP or value.ndim >= 2):
+            folded = numpy_helper.from_array(value, f"{node.input[index]}/folded")
             add_initializers(model, [folded])
-            node.input[1] = folded.name
+            node.input[index] = folded.name
             initializers.add(folded.name)
     remove_unused(graph)
 
@@ -133,7 +143,7 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
                             weight_type=QuantType.QInt8, nodes_to_quantize=include)
         else:
             quantize_dynamic(model, out, per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=list(DYNAMIC_OP_TYPES), nodes_to_quantize=include)
+                             op_types_to_quantize=[*DYNAMIC_OP_TYPES, TABLE_OP], nodes_to_quantize=include)
         quantized = onnx.load(str(out))
     sort_topologically(quantized.graph)
     list_initializers_as_inputs(quantized)  # the quantizer's new scales too, before IR 4
@@ -209,20 +219,17 @@ def quantized_layers(model: onnx.ModelProto) -> set[str]:
     """Names of the layers whose weight is int8 in `model` (QDQ: read through DequantizeLinear; dynamic:
     MatMulInteger / ConvInteger, which keep no name of their own, are matched by their inputs' names)."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    int8 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     names = set()
     for node in model.graph.node:
-        if node.op_type in OP_TYPES and len(node.input) > 1:
-            source = producers.get(node.input[1])
-            if source is not None and source.op_type == "DequantizeLinear":
+        if node.op_type in (*OP_TYPES, TABLE_OP) and len(node.input) > 1:
+            weight = node.input[weight_input(node)]
+            source = producers.get(weight)
+            if (source is not None and source.op_type == "DequantizeLinear") or weight in int8:
                 names.add(node.name)
         elif node.op_type in ("MatMulInteger", "ConvInteger"):
             names.add(node.name.rsplit("_quant", 1)[0])
     return names
-
-
-def candidate_layers(model: onnx.ModelProto, dynamic: bool) -> list[tuple[str, tuple[str, ...]]]:
-    registry = rules(dynamic)
-    return [(n.name, layer_paths(n)) for n in model.graph.node if op_key(n) in registry]
 
 
 def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
@@ -231,7 +238,7 @@ def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[s
     report = Report(command="quantize")
     chosen, registry = [], rules(dynamic)
     for node, _, _, reason in layer_verdicts(ctx, registry, selection):
-        w = ctx.constant(node.input[1]) if len(node.input) > 1 else None
+        w = ctx.constant(node.input[weight_input(node)]) if len(node.input) > 1 else None
         row = LayerReport(name=node.name, op_type=node.op_type, reason=reason or "",
                           shape="x".join(map(str, w.shape)) if w is not None else "",
                           params_before=int(w.size) if w is not None else 0,
