@@ -201,7 +201,7 @@ def finetune(original, transformed, data, output, as_json, quiet, **options):
 
 
 @cli.command()
-@_generated_options((opt.ShapeOptions,), json="Print as JSON.")
+@_generated_options((opt.ShapeOptions,), json="Print as JSON.", skip=("input_value",))  # no inputs run
 def inspect(model_path, as_json, input_shape):
     """List every Gemm, MatMul and Conv (and transformed, lowered or int8 layers) with shapes, params, FLOPs,
     what onnxopt can do with it, and the model's totals."""

@@ -15,9 +15,10 @@ class GraphContext:
     """Read-only facts about the graph a rule may ask for, plus a fresh-name source."""
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                 reserved: frozenset = frozenset()):
+                 reserved: frozenset = frozenset(), scope: str = ""):
         g = model.graph
         self.model = model
+        self.scope = scope  # inside a control-flow body: `<control node>/<body>/`, the prefix of its layers' ids
         self.constants = Constants(g)
         self.value_infos = infer_shapes(model, shapes)
         self.node_names = {node_key(n): name for n, name in zip(g.node, unique_node_names(g))}
@@ -34,6 +35,11 @@ class GraphContext:
 
     def name_of(self, node: onnx.NodeProto) -> str:
         return self.node_names[node_key(node)]
+
+    def layer_id(self, node: onnx.NodeProto) -> str:
+        """The node's name across the whole model (a body's layer prefixed by its scope): what a budget's
+        allocation is keyed by; patterns match `name_of`."""
+        return self.scope + self.name_of(node)
 
     def constant(self, tensor_name: str) -> np.ndarray | None:
         return self.constants.get(tensor_name) if tensor_name else None

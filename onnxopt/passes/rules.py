@@ -90,15 +90,17 @@ def layer_verdicts(ctx: GraphContext, rules: Rules, selection: Selection) -> Ite
 
 def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | None = None, *, command: str,
                 progress: Progress | None = None, shapes: dict | None = None,
-                reserved: frozenset = frozenset()) -> tuple[onnx.ModelProto, Report]:
+                reserved: frozenset = frozenset(), scope: str = "",
+                custom_ops_in_bodies: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Run one pass over the graph and its control-flow bodies (If/Loop/Scan) and return (new model, report).
     The input is not modified. `shapes`: sizes for symbolic inputs (--input-shape); `reserved`: names taken
-    outside this graph (a body's enclosing scopes), which new tensors must not reuse."""
+    outside this graph (a body's enclosing scopes), which new tensors must not reuse; `custom_ops_in_bodies`:
+    com.onnxopt ops may go into If bodies (a later pass replaces them by standard ops)."""
     selection = selection or Selection()
     model = copy_model(model)
     report = Report(command=command)
     report.warnings += rename_repeated(model.graph)
-    ctx = GraphContext(model, shapes, reserved=reserved)
+    ctx = GraphContext(model, shapes, reserved=reserved, scope=scope)
     chosen = []
     for node, name, rule, reason in layer_verdicts(ctx, rules, selection):
         if reason:
@@ -106,7 +108,7 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
         else:
             chosen.append((node, rule))
             report.layers.append(None)  # placeholder keeps graph order in the report
-    _rewrite_bodies(model, ctx, rules, selection, command, report)
+    _rewrite_bodies(model, ctx, rules, selection, command, report, custom_ops_in_bodies)
     slots = [i for i, x in enumerate(report.layers) if x is None]
     rewrites: dict[tuple, Rewrite] = {}
     for slot, (node, rule) in zip(slots, progress(chosen, f"{command}: layers") if progress else chosen):
@@ -123,32 +125,39 @@ def apply_rules(model: onnx.ModelProto, rules: Rules, selection: Selection | Non
         layer.module = layer.module or modules.get(layer.name, "")
     if rewrites:
         _splice(model, rewrites)
+    elif report.changed:  # only bodies changed: the outer weights they replaced are unread now
+        remove_unused(model.graph)
     return model, report
 
 
 def _rewrite_bodies(model: onnx.ModelProto, ctx: GraphContext, rules: Rules, selection: Selection, command: str,
-                    report: Report) -> None:
+                    report: Report, custom_ops_in_bodies: bool = False) -> None:
     """The same pass inside every control-flow body, in place. A body reads outer-scope tensors: it is run as a
     model of its own whose extra inputs are those tensors (outer constants as initializers, so weights defined
     outside are seen), and those are taken out again afterwards; a replaced outer weight stays outside for
     whoever else reads it, and is dropped with the rest of the unread once nothing does."""
-    for node in model.graph.node:
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                new_body, body_report, opsets = _rewrite_body(body, model, ctx, rules, selection, command)
-                if node.op_type not in CUSTOM_OPS_LOAD_IN and _has_custom_ops(new_body):
-                    for layer in body_report.changed:
-                        layer.action, layer.reason = "skipped", (
-                            f"inside {node.op_type} '{ctx.name_of(node)}': onnxruntime cannot load com.onnxopt "
-                            f"ops in {node.op_type} bodies (--emulate writes standard ops)")
-                    new_body, opsets = body, []
-                body.CopyFrom(new_body)
-                for layer in body_report.layers:
-                    layer.name = f"{ctx.name_of(node)}/{attr.name}/{layer.name}"
-                report.layers += body_report.layers
-                report.warnings += [w for w in body_report.warnings if w not in report.warnings]
-                imported = {o.domain for o in model.opset_import}
-                model.opset_import.extend(o for o in opsets if o.domain not in imported)
+    for node, attr_name, body in list(control_bodies(model)):
+        new_body, body_report, opsets = _rewrite_body(body, model, ctx, rules, selection, command,
+                                                      ctx.scope + body_layer_name(ctx, node, attr_name, ""))
+        if node.op_type not in CUSTOM_OPS_LOAD_IN and not custom_ops_in_bodies and _has_custom_ops(new_body):
+            for layer in body_report.changed:
+                layer.action, layer.reason = "skipped", (
+                    f"inside {node.op_type} '{ctx.name_of(node)}': onnxruntime cannot load com.onnxopt "
+                    f"ops in {node.op_type} bodies (binarize --emulate writes standard ops there, without "
+                    "--calibration or fine-tuning)")
+            new_body, opsets = body, []
+        body.CopyFrom(new_body)
+        for layer in body_report.layers:
+            layer.name = body_layer_name(ctx, node, attr_name, layer.name)
+        report.layers += body_report.layers
+        report.warnings += [w for w in body_report.warnings if w not in report.warnings]
+        imported = {o.domain for o in model.opset_import}
+        model.opset_import.extend(o for o in opsets if o.domain not in imported)
+
+
+def body_layer_name(ctx: GraphContext, node: onnx.NodeProto, attr_name: str, name: str) -> str:
+    """How reports name a layer inside a body: `<control node>/<body>/<layer>`."""
+    return f"{ctx.name_of(node)}/{attr_name}/{name}"
 
 
 # control-flow bodies where onnxruntime (1.32) loads com.onnxopt ops: an If branch fails its type inference
@@ -161,7 +170,16 @@ def _has_custom_ops(graph: onnx.GraphProto) -> bool:
 
 
 def _rewrite_body(body: onnx.GraphProto, parent: onnx.ModelProto, ctx: GraphContext, rules: Rules,
-                  selection: Selection, command: str):
+                  selection: Selection, command: str, prefix: str):
+    scope, outer = body_as_model(body, parent, ctx)
+    new, body_report = apply_rules(scope, rules, selection, command=command, reserved=ctx.taken, scope=prefix)
+    return body_of(new, outer), body_report, list(new.opset_import)
+
+
+def body_as_model(body: onnx.GraphProto, parent: onnx.ModelProto, ctx: GraphContext) -> tuple[onnx.ModelProto, set]:
+    """A control-flow body as a model of its own, so that a pass (or onnxruntime's quantizer) sees its layers with
+    their weights: the outer-scope tensors it reads become initializers (constants) or inputs (the rest). Returns
+    the model and those outer names, which `body_of` takes out again."""
     scope = onnx.ModelProto()
     scope.ir_version = max(parent.ir_version, 4)  # (IR 3 would list new initializers as inputs: not in a body)
     scope.opset_import.extend(parent.opset_import)
@@ -175,15 +193,28 @@ def _rewrite_body(body: onnx.GraphProto, parent: onnx.ModelProto, ctx: GraphCont
             g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         else:
             g.input.append(ctx.value_infos.get(name) or onnx.ValueInfoProto(name=name))
-    new, body_report = apply_rules(scope, rules, selection, command=command, reserved=ctx.taken)
-    g = new.graph
-    outer_names = set(outer)
-    kept_inits = [t for t in g.initializer if t.name not in outer_names]
-    kept_inputs = [i for i in g.input if i.name not in outer_names]
+    return scope, set(outer)
+
+
+def body_of(scope: onnx.ModelProto, outer: set) -> onnx.GraphProto:
+    """The body again from a model made by `body_as_model` (and rewritten): outer-scope tensors taken out; a
+    replaced outer weight stays outside for whoever else reads it."""
+    g = onnx.GraphProto()
+    g.CopyFrom(scope.graph)
+    kept_inits = [t for t in g.initializer if t.name not in outer]
+    kept_inputs = [i for i in g.input if i.name not in outer]
     del g.initializer[:], g.input[:]
     g.initializer.extend(kept_inits)
     g.input.extend(kept_inputs)
-    return g, body_report, list(new.opset_import)
+    return g
+
+
+def control_bodies(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
+    """(control node, attribute name, body) for every If/Loop/Scan body of the main graph, in graph order."""
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield node, attr.name, body
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[tuple, Rewrite]) -> None:
@@ -242,3 +273,40 @@ class TableRule(Rule):
         if table.dtype != np.float32 or table.ndim != 2:
             return f"table is {table.ndim}-D {table.dtype}: 2-D float32 tables are quantized"
         return None
+
+
+def verdicts_with_bodies(model: onnx.ModelProto, rules: Rules, selection: Selection,
+                         shapes: dict | None = None) -> Iterator[tuple]:
+    """`layer_verdicts` over the main graph, then over each If/Loop/Scan body (as `body_as_model` shows it):
+    (context, node, name, reason, in_body); a body's layer named `<control node>/<body>/<layer>`. For passes
+    that hand the rewriting to another tool (onnxruntime's quantizers) and for budgets over the whole model."""
+    ctx = GraphContext(model, shapes)
+    for node, name, _, reason in layer_verdicts(ctx, rules, selection):
+        yield ctx, node, name, reason, False
+    for control, attr_name, body in control_bodies(model):
+        prefix = body_layer_name(ctx, control, attr_name, "")
+        scope_ctx = GraphContext(body_as_model(body, model, ctx)[0], scope=prefix)
+        for node, name, _, reason in layer_verdicts(scope_ctx, rules, selection):
+            yield scope_ctx, node, body_layer_name(ctx, control, attr_name, name), reason, True
+
+
+def rewrite_bodies_as_models(model: onnx.ModelProto, include: list[str], rewrite) -> onnx.ModelProto:
+    """`rewrite(body model, [layer names in it])` on each body holding a layer of `include` (names as
+    `verdicts_with_bodies` gives them), in place: each body is rewritten as a model of its own, outer-scope
+    weights as its initializers (tools that need a weight as an initializer then see it), and put back; opsets
+    it adds are imported, and an outer weight nobody reads any more is dropped."""
+    ctx = GraphContext(model)
+    changed = False
+    for node, attr_name, body in list(control_bodies(model)):
+        prefix = body_layer_name(ctx, node, attr_name, "")
+        names = [name[len(prefix):] for name in include if name.startswith(prefix)]
+        if names:
+            scope, outer = body_as_model(body, model, ctx)
+            new = rewrite(scope, names)
+            body.CopyFrom(body_of(new, outer))
+            imported = {o.domain for o in model.opset_import}
+            model.opset_import.extend(o for o in new.opset_import if o.domain not in imported)
+            changed = True
+    if changed:
+        remove_unused(model.graph)
+    return model

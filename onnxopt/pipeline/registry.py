@@ -79,11 +79,15 @@ def _binarize(groups, progress, reference):
     from .steps import Pass, Refit
 
     options, recover = groups[BinarizeOptions], groups[opt.RecoverOptions]
+    recovery = recovery_steps(groups, progress, reference)
+    # BinaryConv inside an If branch does not load in onnxruntime; --emulate turns it into standard ops at the end,
+    # so it may go there when nothing runs the model in between (a refit or fine-tuning would)
+    emulated_at_once = options.emulate and recover.calibration is None and not recovery
     steps = [Pass("binarize", lambda m: conv.rules(options), groups[opt.SelectOptions], progress, options.patterns,
-                  shapes=groups[opt.ShapeOptions].shapes)]
+                  shapes=groups[opt.ShapeOptions].shapes, custom_ops_in_bodies=emulated_at_once)]
     if recover.calibration is not None:
         steps.append(Refit(recover.calibration))
-    steps += recovery_steps(groups, progress, reference)
+    steps += recovery
     if options.emulate:  # standard ops only, for external trainers; `lower` reads this form back
         from ..passes.binarize import emulate
 

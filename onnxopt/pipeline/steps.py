@@ -31,13 +31,14 @@ class Pass:
     progress: Progress | None = None
     patterns: tuple[tuple[str, str], ...] = ()  # (flag, pattern) of per-layer options, checked like --only
     shapes: dict | None = None  # --input-shape sizes for symbolic inputs
+    custom_ops_in_bodies: bool = False  # a later step makes them standard ops (binarize --emulate)
 
     def __call__(self, model, report):
         rules = self.rules(model)
         selection = (self.select or opt.SelectOptions()).selection(list(self.patterns))
         matched = _check_patterns(selection, candidate_layers(model, rules), "/".join(op for _, op in rules))
         new, step_report = apply_rules(model, rules, selection, command=self.name, progress=self.progress,
-                                       shapes=self.shapes)
+                                       shapes=self.shapes, custom_ops_in_bodies=self.custom_ops_in_bodies)
         step_report.patterns = matched
         report.merge(step_report)
         return new, report

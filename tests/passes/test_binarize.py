@@ -220,3 +220,39 @@ def test_session_options_for_user_code(cnn_path, tmp_path):
     onnxopt.save_model(onnxopt.binarize_convolution(onnxopt.load_model(cnn_path), skip=["first_conv"]), path)
     sess = ort.InferenceSession(str(path), onnxopt.session_options(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((1, 1, 28, 28), np.float32)})[0].shape == (1, 10)
+
+
+def _conv_model(in_if: bool):
+    """x → Conv(w) at the top level, or inside both branches of an If (weight outside the branch)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
+    if not in_if:
+        graph = helper.make_graph([conv], "g", inputs, [output], [w])
+    else:
+        def branch(name):
+            return helper.make_graph([conv], name, [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        graph = helper.make_graph(
+            [helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("then"), else_branch=branch("else"))],
+            "g", inputs + [helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [output], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_emulate_binarizes_layers_in_if_branches():
+    """onnxruntime cannot load com.onnxopt ops inside an If branch, so binarize declined If-branch layers even
+    with --emulate, which writes standard ops. Now --emulate takes them (the model loads) and each branch
+    computes exactly what the same conv binarized at the top level computes; without --emulate the reason
+    names --emulate."""
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    top, _ = onnxopt.binarize(_conv_model(False), emulate=True)
+    (want,) = onnxopt.session(top).run(None, {"x": x})
+    branched, report = onnxopt.binarize(_conv_model(True), emulate=True)
+    assert sorted(x.name for x in report.changed) == ["if/else_branch/conv", "if/then_branch/conv"]
+    for c in (True, False):
+        (got,) = onnxopt.session(branched).run(None, {"x": x, "c": np.array(c)})
+        assert np.array_equal(got, want)
+    _, report = onnxopt.binarize(_conv_model(True))
+    assert not report.changed and "--emulate" in report.layers[0].reason

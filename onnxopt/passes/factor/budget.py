@@ -195,18 +195,18 @@ def collect(model, rules, selection, whitening: dict | None = None, shapes: dict
             ) -> tuple[list[Layer], dict]:
     """The budgeted layers of `model` (those factor's `rules` take and `selection` selects, in graph order)
     and the SVD of each layer whose rank the allocation chooses (pinned ones keep --rank-for's)."""
-    from ...graph.context import GraphContext
+    from ...graph.nodes import op_key
     from ...graph.selection import layer_paths
-    from ..rules import layer_verdicts
+    from ..rules import verdicts_with_bodies
     from . import linalg
 
-    ctx = GraphContext(model, shapes)
     layers, spectra = [], {}
-    for node, name, rule, reason in layer_verdicts(ctx, rules, selection):
+    for ctx, node, name, reason, _ in verdicts_with_bodies(model, rules, selection, shapes):
         if reason:
             continue
+        rule = rules[op_key(node)]
         w = rule.weight(node, ctx)
-        pinned = rule.pinned_rank(name, w, layer_paths(node))
+        pinned = rule.pinned_rank(ctx.name_of(node), w, layer_paths(node))
         if pinned is None:
             spectra[name] = linalg.spectrum(w, (whitening or {}).get(name))
             tail = spectra[name].tail_energy()

@@ -120,7 +120,8 @@ class ConvRule(LowRankRule):
         paths = layer_paths(node)
         pin = next((r for p, r in self.options.tucker_overrides if matches(name, p, paths)), None)
         mode = "tucker" if pin else "channel" if self.ranks is not None else self.options.conv_mode
-        k = None if pin else self.choose_rank(name, self.weight(node, ctx), paths)  # budgets allocate channel ranks
+        k = None if pin else self.choose_rank(name, self.weight(node, ctx), paths,  # budgets allocate channel ranks
+                                              key=ctx.layer_id(node))
         if w.ndim == 3:  # channel: the only mode with one spatial axis (check() refused the others)
             if pin:
                 raise Declined("1-D conv: a tucker rank needs two spatial axes (channel mode applies)")
@@ -228,7 +229,7 @@ class ConvRule(LowRankRule):
         o, c, kernel = w.shape[0], w.shape[1], w.shape[2:]
         m = c * int(np.prod(kernel))
         self._growth(m * o, k * (m + o), f"rank {k}")
-        f = self.factors(ctx.name_of(node), self.weight(node, ctx), k)
+        f = self.factors(ctx.name_of(node), self.weight(node, ctx), k, key=ctx.layer_id(node))
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         first = f.u.T.reshape(k, c, *kernel).astype(w.dtype)
         second = f.v.T.reshape(o, k, *[1] * len(kernel)).astype(w.dtype)

@@ -48,10 +48,10 @@ class _DenseRule(LowRankRule):
         w = self.weight(node, ctx)
         extra_params, rows = self.bias_size(node, ctx), self.rows(node, ctx)
         m, n = w.shape
-        k = self.choose_rank(name, w, layer_paths(node))
+        k = self.choose_rank(name, w, layer_paths(node), key=ctx.layer_id(node))
         if k * (m + n) >= m * n and not self.options.allow_growth:
             raise Declined(f"rank {k} gains nothing: k(m+n) = {k * (m + n):,} >= m*n = {m * n:,}")
-        f = self.factors(name, w, k)
+        f = self.factors(name, w, k, key=ctx.layer_id(node))
         u = ctx.initializer(f"{name}/factor_U", f.u.astype(w.dtype))
         v = ctx.initializer(f"{name}/factor_V", f.v.astype(w.dtype))
         hidden = ctx.fresh(f"{name}/factor_hidden")

@@ -59,16 +59,19 @@ class LowRankRule(Rule):
         spec = next((s for p, s in self.options.rank_overrides if matches(name, p, paths)), None)
         return None if spec is None else spec.resolve(*w.shape)
 
-    def choose_rank(self, name: str, w: np.ndarray, paths: tuple[str, ...] = ()) -> int:
+    def choose_rank(self, name: str, w: np.ndarray, paths: tuple[str, ...] = (), key: str | None = None) -> int:
+        """`name` as patterns match it; `key` (default `name`): the layer's id across bodies (ctx.layer_id), which
+        a budget's ranks and spectra are keyed by."""
+        key = key or name
         opts = self.options
         m, n = w.shape
         pinned = self.pinned_rank(name, w, paths)
         if pinned is not None:
             return pinned
         if self.ranks is not None:
-            if self.ranks.get(name) is None:
+            if self.ranks.get(key) is None:
                 raise Declined("kept dense by --budget")
-            return self.ranks[name]
+            return self.ranks[key]
         if opts.projection_function is not None:
             k = opts.projection_function(w)
             if isinstance(k, (float, np.floating)) and 0 < k <= 1:
@@ -82,8 +85,9 @@ class LowRankRule(Rule):
             raise Declined("no --rank-for pattern matches it and no --rank was given")
         return opts.rank_spec.resolve(m, n)
 
-    def factors(self, name: str, w: np.ndarray, k: int) -> linalg.Factors:
+    def factors(self, name: str, w: np.ndarray, k: int, key: str | None = None) -> linalg.Factors:
         opts = self.options
+        key = key or name
         if opts.factor_function is not None:
             u, v = opts.factor_function(w, k)
             u, v = np.asarray(u), np.asarray(v)
@@ -91,8 +95,8 @@ class LowRankRule(Rule):
                 raise OnnxoptError(f"{name}: factor function returned shapes {u.shape} and {v.shape}, "
                                    f"expected {(w.shape[0], k)} and {(k, w.shape[1])}")
             return linalg.Factors(u, v, linalg.relative_error(w, u, v), "factor function")
-        if name in self.spectra:
-            return self.spectra[name].factors(k)
+        if key in self.spectra:
+            return self.spectra[key].factors(k)
         gram = self.whitening.get(name)
         if gram is not None:
             return linalg.whitened_low_rank(w, k, gram)

@@ -11,6 +11,7 @@ import onnx
 from ...graph.nodes import add_initializers, rename_repeated
 from ...graph.selection import Selection
 from ...report import LayerReport, Report
+from ..rules import Rule, constant_weight, verdicts_with_bodies
 from .budget import budget_summary, choose
 from .channels import ChannelGraph, Edit, Layer, find_groups
 from .ranking import RIDGE, as_matrix, feature_atoms, from_matrix
@@ -58,6 +59,7 @@ def prune(model: onnx.ModelProto, keep: float, keep_for=(), selection: Selection
     for edit in graph.edits:
         rewriter.edit(edit, kept)
     rewriter.finish()
+    report.layers += _body_layers(model, selection or Selection())
     report.warnings += rename_repeated(out.graph)
     if budget:
         report.budget = budget_summary(graph, groups, budget, removed_roots)
@@ -163,3 +165,17 @@ class Rewriter:
         del g.input[:]
         g.input.extend(inputs)
         del g.value_info[:]
+
+
+class _BodyLayer(Rule):
+    def check(self, node, ctx):
+        return constant_weight(node, ctx)[1] or (
+            "inside a control-flow body: prune follows channels through the main graph only (factor and quantize "
+            "reach body layers)")
+
+
+def _body_layers(model: onnx.ModelProto, selection: Selection) -> list[LayerReport]:
+    """A row for each weighted layer inside an If/Loop/Scan body, saying why it is left whole."""
+    rules = {("", op): _BodyLayer() for op in ("Conv", "Gemm", "MatMul")}
+    return [LayerReport(name=name, op_type=node.op_type, reason=reason)
+            for _, node, name, reason, in_body in verdicts_with_bodies(model, rules, selection) if in_body]

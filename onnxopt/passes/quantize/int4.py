@@ -15,11 +15,10 @@ import warnings
 import onnx
 
 from ...errors import OnnxoptError
-from ...graph.context import GraphContext
 from ...graph.io import check_model
 from ...graph.nodes import copy_model, op_key, subgraphs
 from ...report import LayerReport, Report
-from ..rules import Rule, TableRule, constant_weight, layer_verdicts
+from ..rules import Rule, TableRule, constant_weight, rewrite_bodies_as_models, verdicts_with_bodies
 
 CONTRIB = "com.microsoft"
 
@@ -64,10 +63,10 @@ def rules(algorithm: str = "rtn") -> dict:
 
 def candidates(model: onnx.ModelProto, selection, block_size: int,
                algorithm: str = "rtn") -> tuple[list[str], Report]:
-    ctx = GraphContext(model)
+    """The layers 4-bit may take, and a row per layer; a body's layer as `<control node>/<body>/<layer>`."""
     report = Report(command="quantize")
     chosen = []
-    for node, name, _, reason in layer_verdicts(ctx, rules(algorithm), selection):
+    for ctx, node, name, reason, _ in verdicts_with_bodies(model, rules(algorithm), selection):
         row = LayerReport(name=name, op_type=node.op_type, reason=reason or "")
         if not reason:
             if node.op_type == "Gather":  # blocks along each row of the table: the same count as a weight's
@@ -80,27 +79,47 @@ def candidates(model: onnx.ModelProto, selection, block_size: int,
             row.shape, row.action = "x".join(map(str, w.shape)), "quantized"
             row.params_before = row.params_after = int(w.size)
             row.bytes_before, row.bytes_after = int(w.nbytes), int(-(-k // 2) * n + blocks * 4 + -(-blocks // 2))
-            chosen.append(node.name)
+            chosen.append(name)
         report.layers.append(row)
     return chosen, report
 
 
 def quantize_4bit(model: onnx.ModelProto, include: list[str], block_size: int, algorithm: str) -> onnx.ModelProto:
-    """onnxruntime's MatMulNBits quantizer on a copy of `model` (nodes uniquely named), on exactly `include`."""
+    """onnxruntime's MatMulNBits quantizer on a copy of `model` (nodes uniquely named), on exactly `include`;
+    layers inside If/Loop/Scan bodies each body as a model of its own (its outer-scope weights as initializers)."""
     try:
-        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+        from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401
     except ImportError as exc:  # onnxruntime's module needs onnx-ir, a dependency of onnxopt
         raise OnnxoptError(f"--weight-bits 4 needs onnxruntime's MatMulNBits quantizer ({exc}); "
                            "pip install onnx-ir") from None
-    if not include:
-        return copy_model(model)
-    work = copy_model(model)  # the quantizer edits the ModelProto it is given in place
     if algorithm == "hqq":
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:  # onnxruntime's HQQ runs in torch
             raise OnnxoptError("--algorithm hqq needs torch (onnxruntime's HQQ runs in it): "
                                "pip install 'onnxopt[train]', or use --algorithm rtn")
+    main = {node.name for node in model.graph.node}
+    out = _nbits(model, [n for n in include if n in main], block_size, algorithm)
+    rewrite_bodies_as_models(out, [n for n in include if n not in main],
+                             lambda scope, names: _nbits(scope, names, block_size, algorithm))
+    # the quantizer imports com.microsoft at version 1; everything else keeps the input's opsets (for a Gather it
+    # raises the default one to 21, which its uint4 table does not need: only GatherBlockQuantized reads it)
+    given = {o.domain: o.version for o in model.opset_import}
+    for opset in out.opset_import:
+        opset.version = given.get(opset.domain, opset.version)
+    out.ir_version = model.ir_version
+    check_model(out, what="4-bit model")
+    return out
+
+
+def _nbits(model: onnx.ModelProto, include: list[str], block_size: int, algorithm: str) -> onnx.ModelProto:
+    """The quantizer on a copy of `model`'s main graph, on the nodes named in `include` only."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if not include:
+        return copy_model(model)
+    work = copy_model(model)  # the quantizer edits the ModelProto it is given in place
+    if algorithm == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
     else:
         # Gather only when one is chosen: with it in the list the quantizer raises the default opset to 21
@@ -115,15 +134,7 @@ def quantize_4bit(model: onnx.ModelProto, include: list[str], block_size: int, a
                                                nodes_to_exclude=others, algo_config=config)
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
-    out = copy_model(out)
-    # the quantizer imports com.microsoft at version 1; everything else keeps the input's opsets (for a Gather it
-    # raises the default one to 21, which its uint4 table does not need: only GatherBlockQuantized reads it)
-    given = {o.domain: o.version for o in model.opset_import}
-    for opset in out.opset_import:
-        opset.version = given.get(opset.domain, opset.version)
-    out.ir_version = model.ir_version
-    check_model(out, what="4-bit model")
-    return out
+    return copy_model(out)
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -132,9 +143,19 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 
 
 def quantized_layers(model: onnx.ModelProto) -> set[str]:
-    """Names of the MatMuls and Gathers onnxruntime replaced (its nodes keep the original name + '_Q4')."""
-    return {n.name.rsplit("_Q4", 1)[0] for n in model.graph.node
-            if op_key(n) in ((CONTRIB, "MatMulNBits"), (CONTRIB, "GatherBlockQuantized"))}
+    """Names of the MatMuls and Gathers onnxruntime replaced (its nodes keep the original name + '_Q4'); a body's
+    as `<control node>/<body>/<layer>`."""
+    return _replaced_in(model.graph, "")
+
+
+def _replaced_in(graph: onnx.GraphProto, prefix: str) -> set[str]:
+    names = {prefix + n.name.rsplit("_Q4", 1)[0] for n in graph.node
+             if op_key(n) in ((CONTRIB, "MatMulNBits"), (CONTRIB, "GatherBlockQuantized"))}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _replaced_in(attr.g, f"{prefix}{node.name}/{attr.name}/")
+    return names
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ import onnx
 from onnx import numpy_helper
 
 from ...graph.constants import Constants
-from ...graph.context import GraphContext
 from ...graph.io import check_model
 from ...graph.nodes import (
     add_initializers,
@@ -30,11 +29,12 @@ from ...graph.nodes import (
     op_key,
     remove_unused,
     sort_topologically,
+    subgraphs,
     unique_node_names,
 )
 from ...graph.schemas import DOMAIN
 from ...report import LayerReport, Report
-from ..rules import Rule, TableRule, constant_weight, layer_verdicts
+from ..rules import Rule, TableRule, constant_weight, rewrite_bodies_as_models, verdicts_with_bodies
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")  # the layers with weights; onnxruntime quantizes the ops between them too
 DYNAMIC_OP_TYPES = ("Conv", "MatMul")  # what dynamic quantization has integer kernels for
@@ -80,14 +80,20 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs are declared float tensors: onnx's type inference does not know those ops, and the quantizer
     calibrates only tensors whose type it knows (without this, the layers after a BitConv get no scale)."""
     named = copy_model(model)
-    for node, name in zip(named.graph.node, unique_node_names(named.graph)):
-        node.name = name
+    _name_all(named.graph)
     _fold_weights(named)
     declared = {v.name for v in named.graph.value_info}
     named.graph.value_info.extend(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
                                   for n in named.graph.node if n.domain == DOMAIN for out in n.output
                                   if out not in declared)
     return named
+
+
+def _name_all(graph: onnx.GraphProto) -> None:
+    for node, name in zip(graph.node, unique_node_names(graph)):
+        node.name = name
+        for body in subgraphs(node):
+            _name_all(body)
 
 
 def _fold_weights(model: onnx.ModelProto) -> None:
@@ -130,8 +136,11 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
     a SessionOptions factory with the com.onnxopt ops registered, for calibrating a model that has them."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    main = {node.name for node in model.graph.node}  # the rest are `<control node>/<body>/<layer>`
+    in_bodies = [name for name in include if name not in main]
+    include = [name for name in include if name in main]
     if not include:  # the quantizer reads an empty list as "every node"
-        return copy_model(model)
+        return _quantize_bodies(copy_model(model), in_bodies, per_channel)
     model = copy_model(model)  # the quantizer moves a ModelProto's tensors to external data in place
     custom = any(op_key(n)[0] == DOMAIN for n in model.graph.node)
     with (_quiet_quantizer(), _calibration_sees_custom_ops(session_options if custom else None),
@@ -147,8 +156,27 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
         quantized = onnx.load(str(out))
     sort_topologically(quantized.graph)
     list_initializers_as_inputs(quantized)  # the quantizer's new scales too, before IR 4
-    check_model(quantized, what="quantized model")
-    return quantized
+    return _quantize_bodies(quantized, in_bodies, per_channel)
+
+
+def _quantize_bodies(model: onnx.ModelProto, include: list[str], per_channel: bool) -> onnx.ModelProto:
+    """Dynamic int8 of the chosen layers inside If/Loop/Scan bodies. onnxruntime's own subgraph mode
+    (EnableSubgraph) fails on weights defined outside the body ("Expected W to be an initializer"), so each
+    body is quantized as a model of its own."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def quantize_body(scope, names):
+        with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="onnxopt-int8-") as tmp:
+            out = Path(tmp) / "body.onnx"
+            quantize_dynamic(scope, out, per_channel=per_channel, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=[*DYNAMIC_OP_TYPES, TABLE_OP], nodes_to_quantize=names)
+            quantized = onnx.load(str(out))
+        sort_topologically(quantized.graph)
+        return quantized
+
+    rewrite_bodies_as_models(model, include, quantize_body)
+    check_model(model, what="quantized model")
+    return model
 
 
 @contextlib.contextmanager
@@ -217,11 +245,19 @@ def mark_results(report: Report, quantized: set[str], kept: dict[str, float]) ->
 
 def quantized_layers(model: onnx.ModelProto) -> set[str]:
     """Names of the layers whose weight is int8 in `model` (QDQ: read through DequantizeLinear; dynamic:
-    MatMulInteger / ConvInteger, which keep no name of their own, are matched by their inputs' names)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    int8 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    MatMulInteger / ConvInteger, which keep no name of their own, are matched by their inputs' names); a body's
+    as `<control node>/<body>/<layer>`."""
+    return _quantized_in(model.graph, "")
+
+
+def _quantized_in(graph: onnx.GraphProto, prefix: str) -> set[str]:
+    producers = {o: n for n in graph.node for o in n.output}
+    int8 = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     names = set()
-    for node in model.graph.node:
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _quantized_in(attr.g, f"{prefix}{node.name}/{attr.name}/")
         if node.op_type in (*OP_TYPES, TABLE_OP) and len(node.input) > 1:
             weight = node.input[weight_input(node)]
             source = producers.get(weight)
@@ -229,22 +265,29 @@ def quantized_layers(model: onnx.ModelProto) -> set[str]:
                 names.add(node.name)
         elif node.op_type in ("MatMulInteger", "ConvInteger"):
             names.add(node.name.rsplit("_quant", 1)[0])
-    return names
+    return {prefix + name for name in names}
 
 
 def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
-    """The layers int8 may take (selected and accepted by the rules), and a report with a row per layer."""
-    ctx = GraphContext(model)
+    """The layers int8 may take (selected and accepted by the rules), and a report with a row per layer; a layer
+    inside an If/Loop/Scan body is named `<control node>/<body>/<layer>`."""
     report = Report(command="quantize")
-    chosen, registry = [], rules(dynamic)
-    for node, _, _, reason in layer_verdicts(ctx, registry, selection):
+    chosen = []
+    for ctx, node, name, reason, in_body in verdicts_with_bodies(model, rules(dynamic), selection):
         w = ctx.constant(node.input[weight_input(node)]) if len(node.input) > 1 else None
-        row = LayerReport(name=node.name, op_type=node.op_type, reason=reason or "",
+        if not reason and in_body and not dynamic:
+            reason = STATIC_IN_BODY
+        row = LayerReport(name=name, op_type=node.op_type, reason=reason or "",
                           shape="x".join(map(str, w.shape)) if w is not None else "",
                           params_before=int(w.size) if w is not None else 0,
                           params_after=int(w.size) if w is not None else 0)  # int8 weights are parameters too
         if not reason:
-            chosen.append(node.name)
+            chosen.append(name)
             row.action, row.bytes_before, row.bytes_after = "quantized", int(w.nbytes), int(w.size)
         report.layers.append(row)
     return chosen, report
+
+
+# onnxruntime's QDQ quantizer works on the main graph only; its operator-format one (dynamic) does bodies
+STATIC_IN_BODY = ("static int8 does not reach If/Loop/Scan bodies (onnxruntime's QDQ quantizer calibrates the "
+                  "main graph): without --calibration it is quantized dynamically")
