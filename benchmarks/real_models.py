@@ -21,7 +21,6 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt import api
-from onnxopt.graph.shapes import input_shapes
 from onnxopt.measure.feeds import random_feeds
 from onnxopt.pipeline.options import ShapeOptions
 from onnxopt.runtime import run
@@ -122,8 +121,7 @@ def main():
             given = shapes.get(path, [])
             new, report = api.factor(source, rank=args.rank, input_shape=given)
             onnx.checker.check_model(new)
-            with input_shapes(source, ShapeOptions(input_shape=tuple(given)).shapes):
-                feeds = random_feeds(source, 1)
+            feeds = random_feeds(source, 1, shapes=ShapeOptions(input_shape=tuple(given)).shapes)
             a, b = run(source, feeds), run(new, feeds)
             rel = max(float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(a[k])), 1e-12)) for k in a)
             modes = [x.action for x in report.changed if x.op_type == "Conv"]

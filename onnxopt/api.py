@@ -77,14 +77,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'onnxopt.api' has no attribute {name!r}")
 
 
-def finetune(original: Model, transformed: Model, data, *, labels: str | None = None, epochs: int | None = None,
-             lr: float | None = None, batch_size: int | None = None, temperature: float | None = None,
-             output=None, force: bool = False, external_data: bool = False,
+def finetune(original: Model, transformed: Model, data, *, labels: str | None = None, steps: int | None = None,
+             epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+             temperature: float | None = None, distill: str | None = None, holdout: float | None = None,
+             max_time: float | None = None, output=None, force: bool = False, external_data: bool = False,
              progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """The staged workflow: train `transformed` (e.g. written by `binarize --stage transform` or `factor`) by
     distillation from `original` on the inputs in `data` (recover/distill.py); the graph is unchanged, only
     weight values. Lower a binarized result with `lower` afterwards."""
-    tune = opt.FinetuneOptions(finetune=data, epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature)
+    tune = opt.FinetuneOptions(finetune=data, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                               temperature=temperature, distill=distill, holdout=holdout, max_time=max_time)
     save = opt.SaveOptions(output=output, force=force, external_data=external_data)
     (teacher, files_a), (student, files_b) = _source(original), _source(transformed)
     steps = [pipeline_steps.Finetune(options=tune, teacher=teacher, labels=labels, progress=progress),

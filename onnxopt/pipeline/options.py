@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..graph.selection import Selection
-from ..options import check_calibration, load_function, option, pairs
+from ..options import check_calibration, choice, load_function, option, pairs
 from ..passes.factor.options import FactorOptions
 
 
@@ -180,36 +180,60 @@ class FinetuneOptions:
     finetune: Any = option(help="Fine-tune the transformed model by distillation from the input model on these "
                                 "inputs (.npz keyed by input name; no labels needed). Needs torch: pip install "
                                 "'onnxopt[train]'.", metavar="DATA.npz", path=True)
-    epochs: int | None = option(help="Passes over the --finetune data (default 3).", metavar="N", kind=int)
-    lr: float | None = option(help="Adam learning rate, decayed to 0 on a cosine (default 0.001).", metavar="X",
-                              kind=float)
+    steps: int | None = option(help="Optimizer steps (default 1000 whatever the data size; --epochs instead "
+                                    "counts passes over the data).", metavar="N", kind=int)
+    epochs: int | None = option(help="Passes over the --finetune data instead of --steps.", metavar="N", kind=int)
+    lr: float | None = option(help="Adam learning rate: a linear warm-up over the first 5% of the steps, then a "
+                                   "cosine decay to 0 (default 0.001).", metavar="X", kind=float)
     batch_size: int | None = option(help="Samples per training step (default 64).", metavar="B", kind=int)
     temperature: float | None = option(help="Softmax temperature of the distillation loss on class-score outputs "
                                             "(default 4).", metavar="T", kind=float)
+    distill: str | None = option(help="What the student matches: the teacher's outputs, the outputs of the layers "
+                                      "it changed (tensors of the same name, normalized MSE), or both (default).",
+                                 metavar="outputs|layers|both")
+    holdout: float | None = option(help="Share of the --finetune samples held out of training: the loss on them "
+                                        "picks the best weights, stops training early when it stops falling, and "
+                                        "decides whether the result is kept (default 0.1; 0: the training loss).",
+                                   metavar="F", kind=float)
+    max_time: float | None = option(help="Stop training after SECONDS (the best weights so far are kept).",
+                                    metavar="SECONDS", kind=float)
     finetune_seed: int = option(0, "Seed of the data order (runs are deterministic for a seed).", cli=False)
 
-    DEFAULTS = {"epochs": 3, "lr": 1e-3, "batch_size": 64, "temperature": 4.0}
+    DEFAULTS = {"steps": None, "epochs": None, "lr": 1e-3, "batch_size": 64, "temperature": 4.0, "distill": "both",
+                "holdout": 0.1, "max_time": None}
+    DEFAULT_STEPS = 1000  # enough for a loss that sees every changed layer, whatever the data size
+    DISTILL = ("outputs", "layers", "both")
 
     def __post_init__(self):
         given = [k for k in self.DEFAULTS if getattr(self, k) is not None]
         if given and self.finetune is None:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --finetune DATA.npz")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
         for key, default in self.DEFAULTS.items():
             value = getattr(self, key)
             setattr(self, key, default if value is None else value)
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise UsageError(f"invalid --epochs {self.epochs}: give a number of passes >= 1")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise UsageError(f"invalid --batch-size {self.batch_size}: give a number of samples >= 1")
+        for key in ("steps", "epochs", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise UsageError(f"invalid --{key.replace('_', '-')} {value}: give a whole number >= 1")
         for key in ("lr", "temperature"):
             if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
                 raise UsageError(f"invalid --{key} {getattr(self, key)}: give a number > 0")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
+            raise UsageError(f"invalid --max-time {self.max_time}: give seconds > 0")
+        if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise UsageError(f"invalid --holdout {self.holdout}: give a share >= 0 and < 1")
+        choice(self.distill, self.DISTILL, "--distill")
         if isinstance(self.finetune, (str, os.PathLike)) and not Path(self.finetune).is_file():
             raise UsageError(f"{self.finetune}: no such --finetune data file")
         if self.finetune is not None:
             from ..recover import require_torch
 
             require_torch("--finetune")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        return self.epochs * batches_per_epoch if self.epochs is not None else self.steps or self.DEFAULT_STEPS
 
 
 def check_together(groups: dict[type, Any]) -> None:

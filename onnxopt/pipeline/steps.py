@@ -277,9 +277,9 @@ class Finetune:
         model, report.finetune = finetune(self.teacher, model, self.options, labels=self.labels,
                                           progress=self.progress)
         if not report.finetune["kept"]:
-            report.warnings.append(f"fine-tuning raised the loss ({report.finetune['loss_before']:.4g} -> "
-                                   f"{report.finetune['loss_after']:.4g}): the weights were left as they were; try "
-                                   "a smaller --lr, more --epochs or more data")
+            report.warnings.append(f"fine-tuning did not lower the held-out loss ({report.finetune['loss_before']:.4g}"
+                                   f" -> {report.finetune['loss_after']:.4g}): the weights were left as they were; "
+                                   "try a smaller --lr, more --steps or more data")
         report.steps.append(self.name)
         return model, report
 

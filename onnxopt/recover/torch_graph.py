@@ -560,14 +560,15 @@ class GraphModule(torch.nn.Module):
         self.weights_by_name = dict(zip(self.names, self.weights))
         self.outputs = [o.name for o in model.graph.output]
 
-    def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feeds: dict[str, torch.Tensor], taps: tuple[str, ...] = ()) -> list[torch.Tensor]:
+        """The graph outputs in order, then the intermediate tensors named in `taps` (layer-wise distillation)."""
         env = {**self.constants, **self.weights_by_name, **feeds, "": None}
         for node in self.nodes:
             key = ("" if node.proto.domain == "ai.onnx" else node.proto.domain, node.proto.op_type)
             result = OPS[key](node, *[env[name] for name in node.proto.input])
             results = result if isinstance(result, (list, tuple)) else [result]
             env.update(zip(node.proto.output, results))
-        return [env[name] for name in self.outputs]
+        return [env[name] for name in (*self.outputs, *taps)]
 
     def trained_values(self) -> dict[str, np.ndarray]:
         return {name: p.detach().numpy().astype(np.float32) for name, p in zip(self.names, self.weights)}
