@@ -66,6 +66,16 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
 
 
+def graphs_with_prefix(graph: onnx.GraphProto, prefix: str = ""):
+    """The graph and every control-flow body in it, each with the prefix reports give its layers
+    (`<control node>/<body>/`, nested bodies joined)."""
+    yield graph, prefix
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from graphs_with_prefix(attr.g, f"{prefix}{node.name}/{attr.name}/")
+
+
 def names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name the graph's nodes (subgraphs included) and outputs read."""
     used = {o.name for o in graph.output}

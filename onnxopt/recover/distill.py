@@ -346,7 +346,8 @@ def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, 
         done = tick.step
         running = float(loss.detach()) if running == 0.0 else 0.95 * running + 0.05 * float(loss.detach())
         state["loss"] = running
-        if tick.step % every == 0 or tick.step == steps:
+        out_of_time = options.max_time is not None and time.perf_counter() - start > options.max_time
+        if tick.step % every == 0 or tick.step == steps or out_of_time:
             score = data.mean_loss(scored)
             state["held_out"] = score
             history.append({"step": tick.step, "loss": running, "held_out": score,
@@ -355,18 +356,12 @@ def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, 
                 best, stale = {"loss": score, "step": tick.step, "weights": module.trained_values()}, 0
             else:
                 stale += 1
+            if out_of_time:
+                stopped = f"--max-time {options.max_time:g} s"
+                break
             if stale >= PATIENCE:
                 stopped = f"early: no better held-out loss in {PATIENCE} scores"
                 break
-        if options.max_time is not None and time.perf_counter() - start > options.max_time:
-            stopped = f"--max-time {options.max_time:g} s"
-            if not history or history[-1]["step"] != tick.step:
-                score = data.mean_loss(scored)
-                history.append({"step": tick.step, "loss": running, "held_out": score,
-                                "seconds": time.perf_counter() - start})
-                if score < best["loss"]:
-                    best = {"loss": score, "step": tick.step, "weights": module.trained_values()}
-            break
     return {"best": best["loss"], "best_step": best["step"], "weights": best["weights"], "steps": done,
             "planned": steps, "stopped": stopped, "history": history}
 

@@ -16,7 +16,7 @@ import onnx
 
 from ...errors import OnnxoptError
 from ...graph.io import check_model
-from ...graph.nodes import copy_model, op_key, subgraphs
+from ...graph.nodes import copy_model, graphs_with_prefix, op_key, subgraphs
 from ...report import LayerReport, Report
 from ..rules import Rule, TableRule, constant_weight, rewrite_bodies_as_models, verdicts_with_bodies
 
@@ -145,17 +145,8 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 def quantized_layers(model: onnx.ModelProto) -> set[str]:
     """Names of the MatMuls and Gathers onnxruntime replaced (its nodes keep the original name + '_Q4'); a body's
     as `<control node>/<body>/<layer>`."""
-    return _replaced_in(model.graph, "")
-
-
-def _replaced_in(graph: onnx.GraphProto, prefix: str) -> set[str]:
-    names = {prefix + n.name.rsplit("_Q4", 1)[0] for n in graph.node
-             if op_key(n) in ((CONTRIB, "MatMulNBits"), (CONTRIB, "GatherBlockQuantized"))}
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= _replaced_in(attr.g, f"{prefix}{node.name}/{attr.name}/")
-    return names
+    return {prefix + n.name.rsplit("_Q4", 1)[0] for graph, prefix in graphs_with_prefix(model.graph)
+            for n in graph.node if op_key(n) in ((CONTRIB, "MatMulNBits"), (CONTRIB, "GatherBlockQuantized"))}
 
 
 @contextlib.contextmanager

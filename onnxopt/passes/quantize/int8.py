@@ -28,6 +28,7 @@ from ...graph.nodes import (
     list_initializers_as_inputs,
     op_key,
     remove_unused,
+    graphs_with_prefix,
     sort_topologically,
     subgraphs,
     unique_node_names,
@@ -134,7 +135,7 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
     """onnxruntime's quantizer on `model` (nodes uniquely named), quantizing exactly the layers in `include`
     (their inputs and weights); every other node, com.onnxopt ops included, stays float. `session_options`:
     a SessionOptions factory with the com.onnxopt ops registered, for calibrating a model that has them."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     main = {node.name for node in model.graph.node}  # the rest are `<control node>/<body>/<layer>`
     in_bodies = [name for name in include if name not in main]
@@ -151,8 +152,7 @@ def run_quantizer(model: onnx.ModelProto, include: list[str], *, calibration=Non
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=include)
         else:
-            quantize_dynamic(model, out, per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=[*DYNAMIC_OP_TYPES, TABLE_OP], nodes_to_quantize=include)
+            _quantize_dynamic(model, out, include, per_channel)
         quantized = onnx.load(str(out))
     sort_topologically(quantized.graph)
     list_initializers_as_inputs(quantized)  # the quantizer's new scales too, before IR 4
@@ -163,13 +163,10 @@ def _quantize_bodies(model: onnx.ModelProto, include: list[str], per_channel: bo
     """Dynamic int8 of the chosen layers inside If/Loop/Scan bodies. onnxruntime's own subgraph mode
     (EnableSubgraph) fails on weights defined outside the body ("Expected W to be an initializer"), so each
     body is quantized as a model of its own."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     def quantize_body(scope, names):
         with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="onnxopt-int8-") as tmp:
             out = Path(tmp) / "body.onnx"
-            quantize_dynamic(scope, out, per_channel=per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=[*DYNAMIC_OP_TYPES, TABLE_OP], nodes_to_quantize=names)
+            _quantize_dynamic(scope, out, names, per_channel)
             quantized = onnx.load(str(out))
         sort_topologically(quantized.graph)
         return quantized
@@ -177,6 +174,13 @@ def _quantize_bodies(model: onnx.ModelProto, include: list[str], per_channel: bo
     rewrite_bodies_as_models(model, include, quantize_body)
     check_model(model, what="quantized model")
     return model
+
+
+def _quantize_dynamic(model: onnx.ModelProto, out: Path, names: list[str], per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(model, out, per_channel=per_channel, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=[*DYNAMIC_OP_TYPES, TABLE_OP], nodes_to_quantize=names)
 
 
 @contextlib.contextmanager
@@ -247,17 +251,14 @@ def quantized_layers(model: onnx.ModelProto) -> set[str]:
     """Names of the layers whose weight is int8 in `model` (QDQ: read through DequantizeLinear; dynamic:
     MatMulInteger / ConvInteger, which keep no name of their own, are matched by their inputs' names); a body's
     as `<control node>/<body>/<layer>`."""
-    return _quantized_in(model.graph, "")
+    return {prefix + name for graph, prefix in graphs_with_prefix(model.graph) for name in _quantized_in(graph)}
 
 
-def _quantized_in(graph: onnx.GraphProto, prefix: str) -> set[str]:
+def _quantized_in(graph: onnx.GraphProto) -> set[str]:
     producers = {o: n for n in graph.node for o in n.output}
     int8 = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     names = set()
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= _quantized_in(attr.g, f"{prefix}{node.name}/{attr.name}/")
         if node.op_type in (*OP_TYPES, TABLE_OP) and len(node.input) > 1:
             weight = node.input[weight_input(node)]
             source = producers.get(weight)
@@ -265,7 +266,7 @@ def _quantized_in(graph: onnx.GraphProto, prefix: str) -> set[str]:
                 names.add(node.name)
         elif node.op_type in ("MatMulInteger", "ConvInteger"):
             names.add(node.name.rsplit("_quant", 1)[0])
-    return {prefix + name for name in names}
+    return names
 
 
 def candidates(model: onnx.ModelProto, selection, dynamic: bool) -> tuple[list[str], Report]:
