@@ -19,7 +19,7 @@ _API = {
     "factor_dense": "netopt", "binarize_convolution": "netopt", "convert_to_binary_convolution": "netopt",
     "convert_to_native_binary_convolution": "netopt", "factor_with_report": "netopt",
     "binarize_with_report": "netopt", "lower_with_report": "netopt",
-    "session": "runtime", "session_options": "runtime",
+    "session": "runtime", "session_options": "runtime", "library_path": "runtime.native",
     "load_model": "graph.io", "save_model": "graph.io",
 }
 

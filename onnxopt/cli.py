@@ -59,15 +59,15 @@ def _print_version(ctx, _param, value):
         return
     from importlib.metadata import version
 
-    from .runtime import cabi
+    from .runtime import native
 
-    click.echo(f"onnxopt {version('onnxopt')}\nlowered layers run on: {cabi.path()}")
+    click.echo(f"onnxopt {version('onnxopt')}\nlowered layers run on: {native.path()}")
     ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version and the path lowered layers run on (C ABI or PyOp bridge), then exit.")
+              help="Show the version and the path lowered layers run on (native library or PyOp bridge), then exit.")
 def cli():
     """Make ONNX models cheaper: low-rank dense layers (factor), binarized convolutions (binarize, lower)."""
 
@@ -240,3 +240,15 @@ def compare(model_a, model_b, data, labels, as_json, min_accuracy, max_drop):
     except GateFailed as exc:  # the figures, then the failed gate's line
         click.echo(compare_text(exc.report, as_json))
         raise
+
+
+@cli.command("library-path")
+def library_path():
+    """Print the path of the native custom-op library that runs lowered layers, for onnxruntime outside Python
+    (RegisterCustomOpsLibrary_V2 in C/C++/C#/Java; docs/deploy.md). Exit 1 where it was not built."""
+    from .runtime import native
+
+    found = native.library_path()
+    if found is None:
+        raise OnnxoptError(f"no native library: lowered layers run on the {native.path()}")
+    click.echo(found)

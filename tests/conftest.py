@@ -45,10 +45,10 @@ def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     """Run the installed CLI in a subprocess, as a user or CI would."""
     return subprocess.run([sys.executable, "-m", "onnxopt", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env=env)
 
 
 def run_cli(*args) -> tuple[int, str, str]:

@@ -1,4 +1,6 @@
-"""Compute kernels, apart from graph code: numba bit-packed convolution and numpy references."""
+"""Compute kernels, apart from graph code: numba bit-packed convolution and numpy references, and native/ (the same
+arithmetic in C, for the custom-op library). Importing this package does not import numba (graph code and
+serving read geometry.py and packing.py); the numba modules set up its cache first (bitconv.py)."""
 from __future__ import annotations
 
 from .cache import drop_stale_numba_caches, ensure_numba_cache, start_thread_pool  # noqa: F401 (their home)
@@ -11,5 +13,3 @@ AVX2_ONLY_ENV = {
     "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse,+sse2,"
                           "+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
 }
-
-ensure_numba_cache()  # before any kernel module is decorated

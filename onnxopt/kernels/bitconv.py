@@ -20,11 +20,16 @@ epilogue converts and writes whole output rows.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
-from . import drop_stale_numba_caches, simd, start_thread_pool
-from . import geometry as convgeom
-from .simd import popcount
+from . import ensure_numba_cache
+
+ensure_numba_cache()  # before any numba function is decorated (multibit.py and chain.py import this module first)
+
+from numba import njit, prange  # noqa: E402
+
+from . import drop_stale_numba_caches, simd, start_thread_pool  # noqa: E402
+from . import geometry as convgeom  # noqa: E402
+from .simd import popcount  # noqa: E402
 
 drop_stale_numba_caches()  # before any function of this module or its callers loads from numba's cache
 start_thread_pool()  # before a cached kernel runs (a segfault otherwise: kernels.start_thread_pool)

@@ -28,13 +28,13 @@ def unsafe_because(path: Path) -> str | None:
 
 
 def _cache_folders() -> list[Path] | None:
-    """The folders numba will read and write our compiled kernels in (kernels/ and runtime/'s C entry points), or
-    None when it has no writable one. numba's cache layout is not public API: if it moves, this raises."""
+    """The folders numba will read and write our compiled kernels in (kernels/), or None when it has no writable
+    one. numba's cache layout is not public API: if it moves, this raises."""
     from numba.core.caching import CacheImpl
 
     root = Path(__file__).resolve().parent.parent
     folders = []
-    for source in (root / "kernels" / "geometry.py", root / "runtime" / "cabi.py"):
+    for source in (root / "kernels" / "geometry.py",):
         locator = next(filter(None, (cls.from_function(ensure_numba_cache, str(source))
                                      for cls in CacheImpl._locator_classes)), None)
         if locator is None:
@@ -76,15 +76,15 @@ def ensure_numba_cache() -> None:
 
 def drop_stale_numba_caches() -> None:
     """numba keys a cached function on its own file's timestamp only, so a cached function keeps running the
-    callees it was compiled with after their file changed (kernels/multibit.py, kernels/chain.py and the C entry
-    points in runtime/cabi*.py call into kernels/bitconv.py; it happened in development: an old kernel in a
-    benchmark, a C-vs-PyOp mismatch in a test). A digest of all those sources, kept beside each file's cache,
+    callees it was compiled with after their file changed (kernels/multibit.py and kernels/chain.py call into
+    kernels/bitconv.py; it happened in development: an old kernel in a benchmark, a mismatch in a test). A digest
+    of all those sources, kept beside each file's cache,
     drops the cache when any of them changed. Called before the first kernel loads (kernels/bitconv.py's import)."""
     try:  # numba's cache layout is not public API: if it moves, numba's own behaviour stays
         from numba.core.caching import CacheImpl
 
         root = Path(__file__).resolve().parent.parent
-        sources = sorted(root.glob("kernels/*.py")) + sorted(root.glob("runtime/cabi*.py"))
+        sources = sorted(root.glob("kernels/*.py"))
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
         for source in sources:
             locator = next(filter(None, (cls.from_function(drop_stale_numba_caches, str(source))
@@ -103,8 +103,8 @@ def drop_stale_numba_caches() -> None:
 
 def start_thread_pool() -> None:
     """Start numba's thread pool before a cached kernel runs. A cached function that calls a parallel kernel links
-    against the pool's scheduler; when that caller was compiled against a callee loaded from the cache (the C path
-    compiled bit_conv_into, then the PyOp path compiled bit_conv around it), the cached caller no longer starts the
+    against the pool's scheduler; when that caller was compiled against a callee loaded from the cache (one entry
+    point compiled bit_conv_into, then another compiled bit_conv around it), the cached caller no longer starts the
     pool when it loads, and its first call jumps into a pool that is not there (segfault, or 'LLVM ERROR: Symbol
     not found: allocate_sched'). `get_num_threads` starts the pool as a side effect (~10 ms). Called when
     kernels/bitconv.py is imported, which every parallel kernel module imports."""

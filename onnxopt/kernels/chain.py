@@ -18,9 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import bitconv
-
-NO_POOL = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.int64)
-POOL_LENGTH = 10
+from .geometry import NO_POOL, POOL_LENGTH  # noqa: F401 (this module's names for the pool vector)
 
 
 @njit(cache=True, nogil=True)

@@ -99,7 +99,7 @@ TILE_PIXELS = 8  # kernels/simd.py's LANES: the kernel writes a row in tiles of 
 
 def work_bytes(shape: tuple[int, int, int, int], kernel: tuple[int, int], g: "Geometry", levels: int = 1) -> float:
     """Bytes of the padded packed input(s) a kernel allocates for an (n, c, h, w) input; kernels/bitconv.py's
-    njit work_bytes computes the same for the C path."""
+    njit work_bytes and kernels/native/binary.c compute the same."""
     n, c, h, w = shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, g.strides, g.dilations
     pt, pl, oh, ow = g.resolve(h, w, kh, kw)
@@ -107,6 +107,11 @@ def work_bytes(shape: tuple[int, int, int, int], kernel: tuple[int, int], g: "Ge
     cols = padded_extent(w, kw, sw, dw, pl, max(ow, 1), TILE_PIXELS)
     return float(levels) * n * rows * (-(-c // 64)) * cols * 8
 
+
+# A MaxPool window between chained binary layers (kernels/chain.py): int64 [kh, kw, sh, sw, dh, dw, pad top, pad left,
+# pad bottom, pad right]; NO_POOL is the identity. Here, beside the conv geometry, so graph code need not load numba.
+NO_POOL = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], np.int64)
+POOL_LENGTH = 10
 
 # Bounds for geometry read from a file: far beyond any real conv, small enough that no index overflows
 MAX_STEP = 1 << 12  # strides and dilations

@@ -3,23 +3,27 @@
 `session(model)` is what users call: a guarded InferenceSession that checks feeds before a custom op
 can see them. `session_options()` gives SessionOptions with the com.onnxopt ops registered, for code
 that builds its own InferenceSession (registration happens there, explicitly, once per process).
+Serving code that needs only the native library (`native.library_path()`) imports nothing heavy: onnx,
+numba and the graph code load when a function here needs them (a new process reaches its first result sooner).
 """
 from __future__ import annotations
 
 import functools
 import os
 from pathlib import Path
-
-import numpy as np
-import onnx
+from typing import TYPE_CHECKING
 
 from ..errors import OnnxoptError
-from ..graph import schemas as ops
-from . import pyop
-from .guard import CustomOpShapes, check_feed, expected, graph_inputs
+from . import native
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
 
 def _uses_custom_ops(model: onnx.ModelProto) -> bool:
+    from ..graph import schemas as ops
+
     return any(ops.is_custom(n) for n in model.graph.node)
 
 
@@ -37,6 +41,10 @@ def _plain_options(optimize: bool, threads: int | None):
 
 def _custom_op_types(graph: onnx.GraphProto) -> set[str]:
     """The com.onnxopt op types in `graph` and its If/Loop/Scan bodies."""
+    import onnx
+
+    from ..graph import schemas as ops
+
     found = set()
     for node in graph.node:
         if ops.is_custom(node):
@@ -48,36 +56,49 @@ def _custom_op_types(graph: onnx.GraphProto) -> set[str]:
 
 
 def custom_op_library(model: onnx.ModelProto | None = None) -> str:
-    """The custom-op library a session for `model` registers: the C ABI one (runtime/cabi.py: no Python per
-    call) when every com.onnxopt op in `model` is a lowered one and it is available here, else the PyOp
+    """The custom-op library a session for `model` registers: the native one (runtime/native: C, no Python per
+    call) when every com.onnxopt op in `model` is a lowered one and it was built at install, else the PyOp
     bridge's, which serves every op (also when no model is given)."""
+    from ..graph import schemas as ops
+
     used = _custom_op_types(model.graph) if model is not None else None
     if used is not None and used <= set(ops.PACKED + ops.CHAINED):
-        from . import cabi
-
-        found = cabi.library_path(used)
+        found = native.library_path()
         if found is not None:
             return found
+        _warn_once(f"onnxopt: warning: lowered layers run on the {native.path()}")
     from .pyop import register
 
     return register()
 
 
+@functools.cache
+def _warn_once(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
 def session_options(*, optimize: bool = True, threads: int | None = None, model: onnx.ModelProto | None = None):
     """onnxruntime.SessionOptions with the com.onnxopt custom ops registered (`custom_op_library(model)`)."""
     so = _plain_options(optimize, threads)
-    so.register_custom_ops_library(custom_op_library(model))
-    # numba's kernel threads and onnxruntime's intra-op threads share the cores: onnxruntime's threads
-    # spinning after a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    library = custom_op_library(model)
+    so.register_custom_ops_library(library)
+    if library != native.library_path():
+        # the PyOp bridge runs numba's own kernel threads beside onnxruntime's: onnxruntime's threads spinning after
+        # a float op starve the next bit-packed conv (VGG benchmark, batch 8: 1.2x → 2.5x without it). The native
+        # library runs on onnxruntime's pool itself, so its sessions keep onnxruntime's defaults.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None,
             chain: bool = True):
-    """An onnxruntime.InferenceSession for a plain, transformed or lowered model. On the C path, `chain` runs
+    """An onnxruntime.InferenceSession for a plain, transformed or lowered model. On the native library, `chain` runs
     BitConv → Relu/MaxPool → BitConv links in packed bits (runtime/chains.py: same outputs, bit for bit)."""
     import tempfile
+
+    import onnx
 
     from ..graph.io import over_protobuf_limit, save_model
 
@@ -94,16 +115,13 @@ def session(model: str | os.PathLike | onnx.ModelProto, *, optimize: bool = True
 
 
 def _chained(proto: onnx.ModelProto, base_dir: str) -> onnx.ModelProto | None:
-    """The model with its BitConv links in packed bits, when it has some and the C path is on (PyOp has no chain
-    ops), else None."""
+    """The model with its BitConv links in packed bits, when it has some and the native library is here (PyOp has
+    no chain ops), else None."""
     from . import chains
 
-    linked = chains.chained(proto, base_dir)
-    if linked is None:
+    if native.library_path() is None:
         return None
-    from . import cabi
-
-    return linked if cabi.library_path(_custom_op_types(linked.graph)) is not None else None
+    return chains.chained(proto, base_dir)
 
 
 def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None, chain: bool,
@@ -111,6 +129,8 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
     import onnxruntime as ort
 
     custom = _uses_custom_ops(proto)
+    if custom:
+        from ..graph import schemas as ops
     runs = proto  # what onnxruntime runs; `proto` is what the guard checks feeds against
     if custom:
         from ..graph.constants import Constants
@@ -136,6 +156,9 @@ def _session(source, proto: onnx.ModelProto, optimize: bool, threads: int | None
 def _guarded_session_class():
     import onnxruntime as ort
 
+    from . import pyop
+    from .guard import CustomOpShapes, check_feed, expected, graph_inputs
+
     class GuardedSession(ort.InferenceSession):
         """An InferenceSession whose `run` checks feeds (guard.py) before a custom op can see them."""
 
@@ -144,6 +167,8 @@ def _guarded_session_class():
             self._shapes = CustomOpShapes(model, constants)
 
         def run(self, output_names, input_feed, run_options=None):
+            import numpy as np
+
             for name, value in input_feed.items():
                 if name not in self._inputs:
                     raise OnnxoptError(f"unknown input '{name}'; the model's inputs are {', '.join(self._inputs)}")

@@ -1,4 +1,4 @@
-"""BitConv layers chained in packed bits, for a session on the C path (kernels/chain.py says why it is exact).
+"""BitConv layers chained in packed bits, for a session on the native library (kernels/chain.py says why it is exact).
 
 A link is a 2-D BitConv whose output reaches a 2-D BitConv's input only through Relu and at most one MaxPool (floor
 mode), each tensor on the way read by that one next node and not a graph output. The producer of a link becomes
@@ -17,8 +17,7 @@ from onnx import helper, numpy_helper
 from ..graph import schemas as ops
 from ..graph.constants import Constants
 from ..graph.nodes import copy_model, node_attributes
-from ..kernels.chain import NO_POOL
-from ..kernels.geometry import MAX_PAD, MAX_STEP
+from ..kernels.geometry import MAX_PAD, MAX_STEP, NO_POOL
 
 
 @dataclass
@@ -47,7 +46,7 @@ def _pool_vector(node: onnx.NodeProto) -> np.ndarray | None:
     if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
         return None
     if not all(1 <= v <= MAX_STEP for v in kernel + strides + dilations) or not all(0 <= v <= MAX_PAD for v in pads):
-        return None  # outside what the chain op accepts (runtime/cabi.py)
+        return None  # outside what the chain op accepts (runtime/native/library.c)
     return np.array(kernel + strides + dilations + pads, np.int64)
 
 

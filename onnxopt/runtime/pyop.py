@@ -60,7 +60,7 @@ _looked_up: set = set()  # kernels whose cache was looked at already
 
 def compile_notice(kernel) -> None:
     """One line on stderr before the first compile of the kernel on this machine, so a ~7 s pause has a reason
-    (`kernel`: the numba function whose cache tells; the PyOp and C paths compile different entry points)."""
+    (`kernel`: the numba function whose cache tells)."""
     from ..kernels import bitconv
 
     global _noticed

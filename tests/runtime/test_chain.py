@@ -15,7 +15,7 @@ from onnxopt.graph import schemas as ops
 from onnxopt.graph.constants import Constants
 from onnxopt.kernels import bitconv, chain, packing
 from onnxopt.kernels.geometry import Geometry
-from onnxopt.runtime import cabi, chains
+from onnxopt.runtime import chains, native
 
 
 def _maxpool(y, pool):
@@ -87,8 +87,8 @@ def _block_model(widths, pool_attrs, size=12, seed=0, extra_output=False):
 
 
 def _needs_c_path():
-    if cabi.library_path() is None:
-        pytest.skip(f"the C path is off here: {cabi.path()}")
+    if native.library_path() is None:
+        pytest.skip(f"no native library here: {native.path()}")
 
 
 @pytest.mark.parametrize("pool_attrs", [None, dict(kernel_shape=[2, 2], strides=[2, 2]),
@@ -102,7 +102,7 @@ def test_sessions_chain_the_links_and_keep_the_outputs(pool_attrs):
     types = [n.op_type for n in linked.graph.node]
     assert types.count(ops.PACK_SIGNS) == 1 and types.count(ops.PACKED_BIT_CONV_SIGNS) == 2
     assert types.count(ops.PACKED_BIT_CONV) == 1 and "BitConv" not in types and types.count("Relu") == 2
-    assert types.count("MaxPool") == 0 and runtime.custom_op_library(linked) == cabi.library_path()
+    assert types.count("MaxPool") == 0 and runtime.custom_op_library(linked) == native.library_path()
     x = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32) * [[[[0.1]]], [[[1]]], [[[9]]]]
     x = x.astype(np.float32)
     (chained,) = runtime.session(lowered).run(None, {"input": x})
