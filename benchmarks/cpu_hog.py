@@ -5,7 +5,7 @@ busy core than the float model does (a thread that spins or waits for a taken co
 model: latency of the float model (plain onnxruntime) and of the lowered one (onnxopt.session), timed in
 alternating blocks, first on a quiet machine, then with one busy process (a Python loop) beside them. Printed: each
 side's slowdown under the hog and their quotient (lowered slowdown / float slowdown; ≤ 1 means the lowered model
-suffers no more than float), and how often the C path's contention governor (runtime/ortshim.c) went serial.
+suffers no more than float; the goal is ≤ 1.5). The native library runs its kernels on onnxruntime's own pool.
 Models: the sample CNN (all convs but the stem binarized) and real third-party ones (PP-OCR v2 cls, YOLOv8n at
 320: every conv but the stem), fetched as benchmarks/models_users_bring.py does.
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from common import alternating_ms, isa_label
+from common import alternating_ms
 from models_users_bring import MODELS as REAL, fetch, photo, stem, text_lines
 
 import onnxopt
+from onnxopt.runtime import native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,14 +44,6 @@ def models(cache: Path, batch: int):
         yield name, path, [stem(onnx.load(str(path)))], feed
 
 
-def serial_switches() -> int:
-    import ctypes
-
-    from onnxopt.runtime import cabi
-
-    return ctypes.c_int64.in_dll(cabi._state["library"], "onnxopt_serial_switches").value
-
-
 def timed(sessions, feed):
     return alternating_ms([lambda s=s: s.run(None, feed) for s in sessions], rounds=5, block=10)
 
@@ -60,29 +53,26 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "onnxopt-models")
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    print(f"kernel: {isa_label()}, {os.cpu_count()} cores, batch {args.batch}; ms are medians")
+    print(f"{native.path()}, {os.cpu_count()} cores, batch {args.batch}; ms are medians")
     print("| model | float quiet | float hog | lowered quiet | lowered hog | float slowdown | lowered slowdown "
-          "| quotient | went serial (quiet / hog) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| quotient |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, path, skip, feed in models(args.cache, args.batch):
         lowered, _ = onnxopt.binarize(str(path), skip=skip)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         fast = onnxopt.session(lowered)
-        before = serial_switches()
         quiet = timed([plain, fast], feed)
-        switched_quiet = serial_switches() - before
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             busy = timed([plain, fast], feed)
-            switched_busy = serial_switches() - before - switched_quiet
         finally:
             hog.kill()
             hog.wait()
         f_slow, l_slow = busy[0] / quiet[0], busy[1] / quiet[1]
         print(f"| {name} | {quiet[0]:.2f} | {busy[0]:.2f} | {quiet[1]:.2f} | {busy[1]:.2f} | {f_slow:.2f}x | "
-              f"{l_slow:.2f}x | {l_slow / f_slow:.2f} | {switched_quiet} / {switched_busy} |", flush=True)
+              f"{l_slow:.2f}x | {l_slow / f_slow:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

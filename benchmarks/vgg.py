@@ -22,7 +22,7 @@ from common import alternating_ms, isa_label, vgg_model
 
 import onnxopt
 import onnxopt.api
-import onnxopt.runtime.cabi
+import onnxopt.runtime.native
 
 GOAL = 4.0  # AVX-512; 2.5x with AVX2 only
 
@@ -71,7 +71,7 @@ def breakdown(lowered, batch: int, chain: bool, runs: int = 50) -> str:
 
 
 def main():
-    print(f"numba ISA: {isa_label()}; cores: {os.cpu_count()}; kernel path: {onnxopt.runtime.cabi.path()}")
+    print(f"numba ISA: {isa_label()}; cores: {os.cpu_count()}; kernel path: {onnxopt.runtime.native.path()}")
     model = vgg_model()
     transformed = onnxopt.convert_to_binary_convolution(model, skip=["first_conv"])
     lowered, _ = onnxopt.api.lower(transformed)
