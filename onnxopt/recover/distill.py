@@ -38,7 +38,8 @@ from ..errors import OnnxoptError
 from ..graph.nodes import copy_model
 from ..measure.feeds import feeds_from
 from ..measure.scores import load_labels
-from ..runtime import graph_inputs, session
+from ..runtime import session
+from ..runtime.guard import graph_inputs
 
 TEACHER_CACHE_BYTES = 2 << 30
 EVALUATIONS = 20  # held-out scores per run

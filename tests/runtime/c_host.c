@@ -1,6 +1,6 @@
 /* A host with no Python: onnxruntime's C API (dlopen'ed), onnxopt's native library registered with
  * RegisterCustomOpsLibrary_V2, one float32 input read from a file, the first output written to a file.
- * usage: c_host LIBONNXRUNTIME LIBONNXOPT MODEL INPUT_NAME OUTPUT_NAME INPUT.bin OUTPUT.bin THREADS DIM...
+ * usage: c_host LIBONNXRUNTIME LIBONNXOPT|- MODEL INPUT_NAME OUTPUT_NAME INPUT.bin OUTPUT.bin THREADS DIM...
  * Prints "session_ms S run_ms R total_ms T" (total: from main's start to the output in memory).
  * The wheel and the npm package ship no C headers: the API entries are called by their position in the OrtApi
  * table (as runtime/native/library.c does). */
@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 typedef void *(*Fn)();
@@ -51,8 +52,9 @@ int main(int argc, char **argv) {
     check(((void *(*)(int, const char *, void **))api[CREATE_ENV])(3, "c_host", &env), "CreateEnv");
     check(((void *(*)(void **))api[CREATE_SESSION_OPTIONS])(&options), "CreateSessionOptions");
     check(((void *(*)(void *, int))api[SET_INTRA_OP_THREADS])(options, atoi(argv[8])), "SetIntraOpNumThreads");
-    check(((void *(*)(void *, const char *))api[REGISTER_CUSTOM_OPS_LIBRARY_V2])(options, argv[2]),
-          "RegisterCustomOpsLibrary_V2");
+    if (strcmp(argv[2], "-")) /* "-": no custom-op library (a float model) */
+        check(((void *(*)(void *, const char *))api[REGISTER_CUSTOM_OPS_LIBRARY_V2])(options, argv[2]),
+              "RegisterCustomOpsLibrary_V2");
     double before_session = now_ms();
     check(((void *(*)(void *, const char *, void *, void **))api[CREATE_SESSION])(env, argv[3], options, &session),
           "CreateSession");
