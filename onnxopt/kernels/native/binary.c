@@ -180,18 +180,23 @@ int make_plan(const Weights *wt, const int64_t *g, int64_t h, int64_t w, Plan *p
 
 /* ---- packing (bitconv.pack_input, chain.place_bits, multibit.pack_levels) ---- */
 
+/* one input row's channels of one word into row[col] (zeroed): bit b = (x > 0) of channel b (NaN: 0) */
+typedef void (*PackRowFn)(const float *src, int64_t plane, int64_t bits, int64_t w, uint64_t *row);
+
+static void pack_row_generic(const float *src, int64_t plane, int64_t bits, int64_t w, uint64_t *row) {
+    for (int64_t b = 0; b < bits; b++, src += plane)
+        for (int64_t col = 0; col < w; col++) row[col] |= (uint64_t)(src[col] > 0) << b;
+}
+
+static PackRowFn pack_row = pack_row_generic;
+
 void pack_rows(const float *x, int64_t c, int64_t h, int64_t w, int64_t cw, int64_t rows, int64_t cols, int64_t pt,
                int64_t pl, uint64_t *xp, int64_t first, int64_t last) {
     for (int64_t job = first; job < last; job++) {
         int64_t i = job / h, r = job % h;
-        for (int64_t word = 0; word < cw; word++) {
-            uint64_t *row = xp + ((i * rows + pt + r) * cw + word) * cols + pl;
-            int64_t bits = min64(64, c - word * 64);
-            for (int64_t b = 0; b < bits; b++) {
-                const float *src = x + ((i * c + word * 64 + b) * h + r) * w;
-                for (int64_t col = 0; col < w; col++) row[col] |= (uint64_t)(src[col] > 0) << b;
-            }
-        }
+        for (int64_t word = 0; word < cw; word++)
+            pack_row(x + ((i * c + word * 64) * h + r) * w, h * w, min64(64, c - word * 64), w,
+                     xp + ((i * rows + pt + r) * cw + word) * cols + pl);
     }
 }
 
@@ -289,7 +294,7 @@ static void tiles_generic(const uint64_t *x, const uint64_t *w, const int64_t *o
 }
 
 #ifdef X86
-#define AVX512 __attribute__((target("avx512f,avx512vpopcntdq")))
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512vpopcntdq")))
 #define AVX2 __attribute__((target("avx2,popcnt")))
 
 AVX512 static void tiles_avx512(const uint64_t *x, const uint64_t *w, const int64_t *offsets, int64_t steps,
@@ -328,6 +333,34 @@ AVX512 static void tiles_avx512(const uint64_t *x, const uint64_t *w, const int6
             _mm256_storeu_si256((__m256i *)(out + 6 * stride), _mm512_cvtepi64_epi32(a6));
             _mm256_storeu_si256((__m256i *)(out + 7 * stride), _mm512_cvtepi64_epi32(a7));
         }
+    }
+}
+
+/* 8 pixels at a time: a compare mask per channel sets that channel's bit in the 8 pixels' words */
+AVX512 static void pack_row_avx512(const float *src, int64_t plane, int64_t bits, int64_t w, uint64_t *row) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t col = 0; col < w; col += 8) {
+        __mmask8 valid = (__mmask8)(w - col >= 8 ? 0xff : (1u << (w - col)) - 1);
+        __m512i acc = _mm512_setzero_si512();
+        const float *at = src + col;
+        for (int64_t b = 0; b < bits; b++, at += plane) {
+            __mmask8 positive = _mm256_cmp_ps_mask(_mm256_maskz_loadu_ps(valid, at), zero, _CMP_GT_OQ);
+            acc = _mm512_mask_or_epi64(acc, positive, acc, _mm512_set1_epi64((long long)(1ULL << b)));
+        }
+        _mm512_mask_storeu_epi64(row + col, valid, acc);
+    }
+}
+
+/* out[col] = ((float)base[col] - 2 * (float)sums[col]) * scale + shift, 16 at a time: the scalar loop's float32
+ * operations in the same order (no fused multiply-add) */
+AVX512 static void finish_row_avx512(const int32_t *base, const int32_t *sums, float scale, float shift, int64_t ow,
+                                     float *out) {
+    const __m512 two = _mm512_set1_ps(2.0f), a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
+    for (int64_t col = 0; col < ow; col += 16) {
+        __mmask16 valid = (__mmask16)(ow - col >= 16 ? 0xffff : (1u << (ow - col)) - 1);
+        __m512 total = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, base + col)),
+                                     _mm512_mul_ps(two, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, sums + col))));
+        _mm512_mask_storeu_ps(out + col, valid, _mm512_add_ps(_mm512_mul_ps(total, a), b));
     }
 }
 
@@ -392,21 +425,45 @@ AVX2 static void tiles_avx2(const uint64_t *x, const uint64_t *w, const int64_t 
 }
 #endif
 
+typedef void (*FinishRowFn)(const int32_t *base, const int32_t *sums, float scale, float shift, int64_t ow,
+                            float *out);
+static void finish_row_generic(const int32_t *base, const int32_t *sums, float scale, float shift, int64_t ow,
+                               float *out) {
+    for (int64_t col = 0; col < ow; col++) {
+        float total = (float)base[col] - 2.0f * (float)sums[col];
+        out[col] = total * scale + shift;
+    }
+}
+
 static TilesFn channel_tiles = tiles_generic;
+static FinishRowFn finish_row = finish_row_generic;
 static const char *isa_name = "generic";
 
 int onnxopt_select_isa(const char *name) {
 #ifdef X86
     __builtin_cpu_init();
-    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                 __builtin_cpu_supports("avx512vpopcntdq");
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     if (!name || !*name) name = avx512 ? "avx512" : avx2 ? "avx2" : "generic";
-    if (!strcmp(name, "avx512") && avx512) { channel_tiles = tiles_avx512; isa_name = "avx512"; return 0; }
-    if (!strcmp(name, "avx2") && avx2) { channel_tiles = tiles_avx2; isa_name = "avx2"; return 0; }
+    if (!strcmp(name, "avx512") && avx512) {
+        channel_tiles = tiles_avx512, pack_row = pack_row_avx512, finish_row = finish_row_avx512;
+        isa_name = "avx512";
+        return 0;
+    }
+    if (!strcmp(name, "avx2") && avx2) {
+        channel_tiles = tiles_avx2, pack_row = pack_row_generic, finish_row = finish_row_generic;
+        isa_name = "avx2";
+        return 0;
+    }
 #else
     if (!name || !*name) name = "generic";
 #endif
-    if (!strcmp(name, "generic")) { channel_tiles = tiles_generic; isa_name = "generic"; return 0; }
+    if (!strcmp(name, "generic")) {
+        channel_tiles = tiles_generic, pack_row = pack_row_generic, finish_row = finish_row_generic;
+        isa_name = "generic";
+        return 0;
+    }
     return -1;
 }
 
@@ -459,15 +516,9 @@ static void finish(const Conv *cv, int32_t *sums, int64_t stride, int64_t k0, in
         }
         return;
     }
-    for (int64_t k = k0; k < k1; k++) { /* bitconv._finish_row */
-        float scale = cv->alpha[k], shift = cv->bias[k];
-        const int32_t *s = sums + (k - k0) * stride;
-        float *out = cv->out + ((i * cv->weights->o + k) * oh + r) * ow;
-        for (int64_t col = 0; col < ow; col++) {
-            float total = (float)base[col] - 2.0f * (float)s[col];
-            out[col] = total * scale + shift;
-        }
-    }
+    for (int64_t k = k0; k < k1; k++) /* bitconv._finish_row */
+        finish_row(base, sums + (k - k0) * stride, cv->alpha[k], cv->bias[k], ow,
+                   cv->out + ((i * cv->weights->o + k) * oh + r) * ow);
 }
 
 /* acc[k - k0, col] += s_j * alpha_i[k] * (base - 2 sum) for one weight plane (multibit._add_pair) */

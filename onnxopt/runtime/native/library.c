@@ -265,7 +265,10 @@ static void *buffer(int which, size_t size) {
 }
 
 /* ---- threads ---- */
-#define PARALLEL_WORK (1 << 17) /* popcount words (or elements packed) below which one thread is faster */
+/* popcount words (or elements packed) below which the calling thread alone is faster than waking the pool:
+ * measured on the small layers of benchmarks/bitconv.py, flat between 4096 and 32768 (ONNXOPT_NATIVE_PARALLEL_WORK
+ * overrides it, for that measurement) */
+static double parallel_work = 1 << 14;
 
 typedef struct Jobs Jobs;
 struct Jobs {
@@ -285,7 +288,7 @@ struct Jobs {
 static void run_one(void *jobs, size_t index) { ((Jobs *)jobs)->run(jobs, (int64_t)index); }
 
 static void run_jobs(Jobs *jobs, int64_t count, double work) {
-    if (newer_api && count > 1 && work >= PARALLEL_WORK &&
+    if (newer_api && count > 1 && work >= parallel_work &&
         !CALL(KERNEL_CONTEXT_PARALLEL_FOR, ParallelForFn)(jobs->context, run_one, (size_t)count, 0, jobs))
         return;
     for (int64_t i = 0; i < count; i++) jobs->run(jobs, i); /* small work, an older onnxruntime, or a failure */
@@ -579,6 +582,7 @@ EXPORT OrtStatus *RegisterCustomOps(void *options, const ApiBase *base) {
         newer_api = newer != NULL;
         api = (void *const *)(newer ? newer : base->GetApi(BASE_API_VERSION));
         if (onnxopt_select_isa(getenv("ONNXOPT_NATIVE_ISA"))) onnxopt_select_isa(NULL);
+        if (getenv("ONNXOPT_NATIVE_PARALLEL_WORK")) parallel_work = atof(getenv("ONNXOPT_NATIVE_PARALLEL_WORK"));
     }
     if (!api) {
         pthread_mutex_unlock(&domain_lock);
