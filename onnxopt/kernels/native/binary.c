@@ -378,6 +378,41 @@ AVX2 static inline void store_lanes(int32_t *out, __m256i lanes) { /* 4 int64 la
     _mm_storeu_si128((__m128i *)out, _mm256_castsi256_si128(packed));
 }
 
+/* 8 pixels at a time: a compare mask per channel ANDed with the channel's bit, in 32-bit halves interleaved to
+ * the 8 pixels' words at the end; a last part row of fewer than 8 pixels goes the scalar way */
+AVX2 static void pack_row_avx2(const float *src, int64_t plane, int64_t bits, int64_t w, uint64_t *row) {
+    const __m256 zero = _mm256_setzero_ps();
+    int64_t col = 0;
+    for (; col + 8 <= w; col += 8) {
+        __m256i lo = _mm256_setzero_si256(), hi = lo;
+        const float *at = src + col;
+        for (int64_t b = 0; b < bits; b++, at += plane) {
+            __m256i positive = _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(at), zero, _CMP_GT_OQ));
+            if (b < 32) lo = _mm256_or_si256(lo, _mm256_and_si256(positive, _mm256_set1_epi32((int)(1u << b))));
+            else hi = _mm256_or_si256(hi, _mm256_and_si256(positive, _mm256_set1_epi32((int)(1u << (b - 32)))));
+        }
+        __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi); /* pixels 0 1 4 5, 2 3 6 7 */
+        _mm256_storeu_si256((__m256i *)(row + col), _mm256_permute2x128_si256(a, c, 0x20));
+        _mm256_storeu_si256((__m256i *)(row + col + 4), _mm256_permute2x128_si256(a, c, 0x31));
+    }
+    if (col < w) pack_row_generic(src + col, plane, bits, w - col, row + col);
+}
+
+AVX2 static void finish_row_avx2(const int32_t *base, const int32_t *sums, float scale, float shift, int64_t ow,
+                                 float *out) {
+    const __m256 two = _mm256_set1_ps(2.0f), a = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift);
+    int64_t col = 0;
+    for (; col + 8 <= ow; col += 8) {
+        __m256 total = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(base + col))),
+                                     _mm256_mul_ps(two, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sums + col)))));
+        _mm256_storeu_ps(out + col, _mm256_add_ps(_mm256_mul_ps(total, a), b));
+    }
+    for (; col < ow; col++) {
+        float total = (float)base[col] - 2.0f * (float)sums[col];
+        out[col] = total * scale + shift;
+    }
+}
+
 AVX2 static void tiles_avx2(const uint64_t *x, const uint64_t *w, const int64_t *offsets, int64_t steps,
                             int64_t row_origin, int64_t next_row, int64_t sw, int64_t columns, int64_t k_start,
                             int64_t k_stop, int64_t last, int64_t tiles, int32_t *sums) {
@@ -452,7 +487,7 @@ int onnxopt_select_isa(const char *name) {
         return 0;
     }
     if (!strcmp(name, "avx2") && avx2) {
-        channel_tiles = tiles_avx2, pack_row = pack_row_generic, finish_row = finish_row_generic;
+        channel_tiles = tiles_avx2, pack_row = pack_row_avx2, finish_row = finish_row_avx2;
         isa_name = "avx2";
         return 0;
     }
