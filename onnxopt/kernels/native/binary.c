@@ -297,6 +297,22 @@ static void tiles_generic(const uint64_t *x, const uint64_t *w, const int64_t *o
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512vpopcntdq")))
 #define AVX2 __attribute__((target("avx2,popcnt")))
 
+/* one register tile: 8 pixels (the lanes of v) x the 8 channels whose weight words sit at wt[t * columns + at[j]] */
+#define TILE_AVX512(at0, at1, at2, at3, at4, at5, at6, at7)                                                       \
+    for (int64_t t = 0; t < steps; t++) {                                                                       \
+        const uint64_t *in = origin + offsets[t];                                                               \
+        __m512i v = contiguous ? _mm512_loadu_si512((const void *)in) : _mm512_i64gather_epi64(index, (const void *)in, 8); \
+        const uint64_t *wt = w + t * columns;                                                                   \
+        a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at0])))); \
+        a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at1])))); \
+        a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at2])))); \
+        a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at3])))); \
+        a4 = _mm512_add_epi64(a4, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at4])))); \
+        a5 = _mm512_add_epi64(a5, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at5])))); \
+        a6 = _mm512_add_epi64(a6, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at6])))); \
+        a7 = _mm512_add_epi64(a7, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[at7])))); \
+    }
+
 AVX512 static void tiles_avx512(const uint64_t *x, const uint64_t *w, const int64_t *offsets, int64_t steps,
                                 int64_t row_origin, int64_t next_row, int64_t sw, int64_t columns, int64_t k_start,
                                 int64_t k_stop, int64_t last, int64_t tiles, int32_t *sums) {
@@ -306,22 +322,20 @@ AVX512 static void tiles_avx512(const uint64_t *x, const uint64_t *w, const int6
                                      lane_at(4, next_row, sw), lane_at(3, next_row, sw), lane_at(2, next_row, sw),
                                      lane_at(1, next_row, sw), 0);
     for (int64_t k0 = k_start; k0 < k_stop; k0 += 8) {
-        int64_t k1 = min64(k0 + 1, last), k2 = min64(k0 + 2, last), k3 = min64(k0 + 3, last);
-        int64_t k4 = min64(k0 + 4, last), k5 = min64(k0 + 5, last), k6 = min64(k0 + 6, last);
-        int64_t k7 = min64(k0 + 7, last);
         int32_t *row = sums + (k0 - k_start) * stride;
         for (int64_t tile = 0; tile < tiles; tile++) {
             const uint64_t *origin = x + row_origin + tile * TILE_PIXELS * sw;
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int64_t t = 0; t < steps; t++) {
-                const uint64_t *at = origin + offsets[t];
-                __m512i v = contiguous ? _mm512_loadu_si512((const void *)at)
-                                       : _mm512_i64gather_epi64(index, (const void *)at, 8);
-                const uint64_t *wt = w + t * columns;
-#define STEP(a, k) a = _mm512_add_epi64(a, _mm512_popcnt_epi64(_mm512_xor_si512(v, _mm512_set1_epi64((long long)wt[k]))))
-                STEP(a0, k0); STEP(a1, k1); STEP(a2, k2); STEP(a3, k3);
-                STEP(a4, k4); STEP(a5, k5); STEP(a6, k6); STEP(a7, k7);
-#undef STEP
+            if (k0 + 7 <= last) { /* 8 whole channels: constant offsets from one pointer (fewer registers) */
+                const uint64_t *w_saved = w;
+                w += k0;
+                TILE_AVX512(0, 1, 2, 3, 4, 5, 6, 7)
+                w = w_saved;
+            } else { /* a short last tile repeats channel `last` */
+                int64_t k1 = min64(k0 + 1, last), k2 = min64(k0 + 2, last), k3 = min64(k0 + 3, last);
+                int64_t k4 = min64(k0 + 4, last), k5 = min64(k0 + 5, last), k6 = min64(k0 + 6, last);
+                int64_t k7 = min64(k0 + 7, last);
+                TILE_AVX512(k0, k1, k2, k3, k4, k5, k6, k7)
             }
             int32_t *out = row + tile * TILE_PIXELS;
             _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi64_epi32(a0));
