@@ -72,6 +72,15 @@ def mismatches(library, count, seed=0, large=False) -> list[str]:
     return wrong
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CI machines are Linux with gcc")
+def test_the_library_is_built_where_a_compiler_is():
+    """Where a C compiler is, the install built the library: without this, every test of it would skip and a broken
+    build would pass unnoticed."""
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the install could not build the library")
+    assert native.library_path() is not None, native.path()
+
+
 def test_native_equals_the_numba_kernels_bit_for_bit(library):
     """BitConv and MultibitBitConv over 24 geometries: the same float32 arithmetic in the same order, so the outputs
     are identical, not close (the kernels' tolerance against the float reference is kernels/reference.py's)."""

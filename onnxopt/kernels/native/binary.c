@@ -81,6 +81,25 @@ void tap_popcounts(Weights *wt) {
         }
 }
 
+int fusable(const Weights *wt, int64_t channels) { return wt->cw == 1 && wt->kw > 1 && wt->kw * channels <= 64; }
+
+void fuse_weights(const Weights *wt, int64_t channels, uint64_t *out) {
+    for (int64_t a = 0; a < wt->kh; a++)
+        for (int64_t k = 0; k < wt->columns; k++) {
+            uint64_t word = 0;
+            for (int64_t b = 0; b < wt->kw; b++) word |= wt->wp[(a * wt->kw + b) * wt->columns + k] << (b * channels);
+            out[a * wt->columns + k] = word;
+        }
+}
+
+void fuse_row(uint64_t *row, int64_t cols, int64_t kw, int64_t dw, int64_t channels) {
+    for (int64_t c0 = 0; c0 < cols; c0++) { /* ascending: the words read at c0 + b*dw are not rewritten yet */
+        uint64_t word = row[c0];
+        for (int64_t b = 1; b < kw && c0 + b * dw < cols; b++) word |= row[c0 + b * dw] << (b * channels);
+        row[c0] = word;
+    }
+}
+
 /* per output position along one axis, the index of its padded-tap pattern (0: none padded) among `count`
  * distinct ones, each a byte per tap in patterns (bitconv._pattern_ids) */
 static int64_t pattern_ids(int64_t k, int64_t d, int64_t stride, int64_t pad, int64_t size, int64_t out_size,
@@ -109,6 +128,7 @@ static int64_t padded_count(const uint8_t *pattern, int64_t k) {
 
 void free_plan(Plan *plan) {
     free(plan->offsets);
+    free(plan->fused_offsets);
     free(plan->base);
     free(plan->starts);
     free(plan->border_cols);
@@ -128,11 +148,12 @@ int make_plan(const Weights *wt, const int64_t *g, int64_t h, int64_t w, Plan *p
     int64_t *row_ids = malloc(sizeof(int64_t) * (size_t)(oh + ow));
     uint8_t *row_masks = malloc((size_t)((oh + 1) * kh + (ow + 1) * kw));
     plan->offsets = malloc(sizeof(int64_t) * (size_t)(kh * kw * cw));
+    plan->fused_offsets = malloc(sizeof(int64_t) * (size_t)kh);
     plan->base = malloc(sizeof(int32_t) * (size_t)(oh * ow));
     plan->starts = malloc(sizeof(int64_t) * (size_t)(oh + 1));
     plan->border_cols = malloc(sizeof(int64_t) * (size_t)(oh * ow));
     plan->border_patterns = malloc(sizeof(int64_t) * (size_t)(oh * ow));
-    if (!row_ids || !row_masks || !plan->offsets || !plan->base || !plan->starts || !plan->border_cols ||
+    if (!row_ids || !row_masks || !plan->offsets || !plan->fused_offsets || !plan->base || !plan->starts || !plan->border_cols ||
         !plan->border_patterns) {
         free(row_ids), free(row_masks), free_plan(plan);
         return -1;
@@ -141,6 +162,7 @@ int make_plan(const Weights *wt, const int64_t *g, int64_t h, int64_t w, Plan *p
     for (int64_t a = 0; a < kh; a++)
         for (int64_t b = 0; b < kw; b++)
             for (int64_t c = 0; c < cw; c++) plan->offsets[t++] = (a * g[G_DH] * cw + c) * plan->cols + b * g[G_DW];
+    for (int64_t a = 0; a < kh; a++) plan->fused_offsets[a] = a * g[G_DH] * cw * plan->cols;
     int64_t *col_ids = row_ids + oh;
     uint8_t *col_masks = row_masks + (oh + 1) * kh;
     int64_t n_rows = pattern_ids(kh, g[G_DH], g[G_SH], plan->pt, h, oh, row_ids, row_masks);
@@ -595,12 +617,14 @@ void conv_job(const Conv *cv, int64_t job, void *scratch) {
     int64_t r2 = per_job == 2 ? min64(r + 1, oh - 1) : r;
     int64_t g0 = g * GROUP_CHANNELS, g1 = min64(o, g0 + GROUP_CHANNELS);
     int64_t next_row = per_job == 2 ? (r2 - r) * cv->sh * cw * cols : -1;
-    int64_t tiles = tiles_of(cv), stride = tiles * TILE_PIXELS, steps = wt->kh * wt->kw * cw;
+    int64_t tiles = tiles_of(cv), stride = tiles * TILE_PIXELS;
+    int64_t steps = wt->fused ? wt->kh : wt->kh * wt->kw * cw;
+    const uint64_t *wp = wt->fused ? wt->fused : wt->wp;
+    const int64_t *offsets = wt->fused ? plan->fused_offsets : plan->offsets;
     int32_t *sums = scratch;
     if (!cv->scales) { /* 1-bit: one plane pair */
         int64_t origin = (i * rows + r * cv->sh) * cw * cols;
-        channel_tiles(cv->xp, wt->wp, plan->offsets, steps, origin, next_row, cv->sw, wt->columns, g0, g1, o - 1,
-                      tiles, sums);
+        channel_tiles(cv->xp, wp, offsets, steps, origin, next_row, cv->sw, wt->columns, g0, g1, o - 1, tiles, sums);
         finish(cv, sums, stride, g0, g1, i, r);
         if (r2 != r) finish(cv, sums + TILE_PIXELS / 2, stride, g0, g1, i, r2);
         return;
@@ -614,7 +638,7 @@ void conv_job(const Conv *cv, int64_t job, void *scratch) {
         float level_scale = cv->scales[j * cv->n + i];
         for (int64_t plane = 0; plane < wt->levels_w; plane++) {
             int64_t first = plane * o;
-            channel_tiles(cv->xp, wt->wp, plan->offsets, steps, origin, next_row, cv->sw, wt->columns, first + g0,
+            channel_tiles(cv->xp, wp, offsets, steps, origin, next_row, cv->sw, wt->columns, first + g0,
                           first + g1, first + o - 1, tiles, sums);
             add_pair(cv, sums, stride, plane, g0, g1, r, level_scale, acc);
             if (r2 != r) add_pair(cv, sums + TILE_PIXELS / 2, stride, plane, g0, g1, r2, level_scale, acc2);

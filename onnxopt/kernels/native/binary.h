@@ -22,6 +22,12 @@ typedef struct {
     int64_t o, levels_w;
     const uint64_t *wp;
     int32_t *taps_pop; /* [kh, kw, columns]: set weight bits per tap, what a zero (padded) word adds */
+    /* taps fused: when a row of taps fits one word (one channel word, kw x channels <= 64), tap b's channel bits
+     * sit at bit b x channels of one word per kernel row, in the weights ([kh, columns]) and in the input (each
+     * packed input row rewritten in place by fuse_row), so a kernel row costs one popcount instead of kw. The
+     * fields are disjoint and unused bits zero on both sides: the popcount sums are the same integers. */
+    const uint64_t *fused; /* NULL: not fused */
+    int64_t channels, dw;
 } Weights;
 
 /* what depends on the input's spatial size too: computed once per (h, w) a node sees */
@@ -29,6 +35,7 @@ typedef struct {
     int64_t h, w, pt, pl, oh, ow; /* input size after any pool, padding before, output size */
     int64_t rows, cols;            /* the padded packed input's height and width (per channel word) */
     int64_t *offsets;              /* [kh * kw * cw]: each tap's and word's offset from a pixel's origin */
+    int64_t *fused_offsets;        /* [kh]: each kernel row's, for fused taps */
     int32_t *base;                 /* [oh, ow]: valid taps x channels */
     int64_t *starts;               /* [oh + 1]: row r's border pixels are cols[starts[r] .. starts[r + 1]] */
     int64_t *border_cols, *border_patterns;
@@ -60,6 +67,9 @@ double work_bytes(int64_t n, int64_t h, int64_t w, int64_t channels, int64_t kh,
 void pooled_shape(int64_t h, int64_t w, const int64_t *pool, int64_t *oh, int64_t *ow);
 
 void tap_popcounts(Weights *weights);
+int fusable(const Weights *weights, int64_t channels);
+void fuse_weights(const Weights *weights, int64_t channels, uint64_t *out); /* [kh, columns] */
+void fuse_row(uint64_t *row, int64_t cols, int64_t kw, int64_t dw, int64_t channels); /* in place */
 /* plan for an h x w input (after any pool); 0, or -1 when out of memory (plan then holds nothing to free) */
 int make_plan(const Weights *weights, const int64_t *g, int64_t h, int64_t w, Plan *plan);
 void free_plan(Plan *plan);

@@ -49,5 +49,6 @@ def path() -> str:
         return f"native library ({found}, {isa()} kernels)"
     if os.environ.get("ONNXOPT_KERNEL_PATH", "").lower() == "pyop":
         return "PyOp bridge (ONNXOPT_KERNEL_PATH=pyop)"
-    return ("PyOp bridge (the native library was not built: onnxopt was installed without a C compiler; "
-            "reinstall with one for faster lowered layers)")
+    return ("PyOp bridge (the native library was not built: onnxopt was installed without a C compiler, or this is "
+            "a source checkout never installed with `pip install -e .`; reinstall with a compiler for faster lowered "
+            "layers)")

@@ -133,7 +133,7 @@ enum { BIT_CONV, MULTIBIT_BIT_CONV, PACK_SIGNS, PACKED_BIT_CONV, PACKED_BIT_CONV
 /* what a conv op's constant inputs fix, validated: built at kernel creation, or per call when not constant */
 typedef struct {
     Weights weights;
-    uint64_t *wp;
+    uint64_t *wp, *fused;
     float *alpha, *bias;
     int64_t geometry[12], pool[POOL_LENGTH];
     int multibit;
@@ -150,7 +150,7 @@ typedef struct {
 
 static void free_layer(Layer *layer) {
     if (!layer) return;
-    free(layer->wp), free(layer->alpha), free(layer->bias), free(layer->weights.taps_pop), free(layer);
+    free(layer->wp), free(layer->fused), free(layer->alpha), free(layer->bias), free(layer->weights.taps_pop), free(layer);
 }
 
 static int geometry_problem(const Tensor *g, int multibit) {
@@ -215,8 +215,17 @@ static int make_layer(int op, const Tensor *in, Layer **out) {
     layer->multibit = multibit;
     Weights *wt = &layer->weights;
     wt->kh = w->dims[0], wt->kw = w->dims[1], wt->cw = w->dims[2], wt->columns = w->dims[3];
-    wt->o = o, wt->levels_w = levels, wt->wp = layer->wp;
+    wt->o = o, wt->levels_w = levels, wt->wp = layer->wp, wt->channels = g[G_CHANNELS], wt->dw = g[G_DW];
     tap_popcounts(wt);
+    if (fusable(wt, g[G_CHANNELS]) && getenv("ONNXOPT_NATIVE_NO_FUSE") == NULL) {
+        layer->fused = malloc(sizeof(uint64_t) * (size_t)(wt->kh * wt->columns));
+        if (!layer->fused) {
+            free_layer(layer);
+            return NO_MEMORY;
+        }
+        fuse_weights(wt, g[G_CHANNELS], layer->fused);
+        wt->fused = layer->fused;
+    }
     *out = layer;
     return OK;
 }
@@ -300,14 +309,26 @@ static void conv_one(Jobs *jobs, int64_t job) {
     conv_job(&jobs->conv, job, scratch);
 }
 
+/* the packed row of input row `row` (sample row / h), taps fused when the layer fuses them */
+static void fuse_packed(Jobs *jobs, int64_t row, int64_t plane_words) {
+    const Weights *wt = jobs->conv.weights;
+    const Plan *p = jobs->conv.plan;
+    if (!wt || !wt->fused) return;
+    for (int64_t j = 0; j < jobs->conv.levels_x; j++)
+        fuse_row(jobs->xp + j * plane_words + ((row / jobs->h) * p->rows + p->pt + row % jobs->h) * p->cols, p->cols,
+                 wt->kw, wt->dw, wt->channels);
+}
+
 static void pack_one(Jobs *jobs, int64_t row) { /* one input row, all channels */
     const Plan *p = jobs->conv.plan;
     pack_rows(jobs->x, jobs->c, jobs->h, jobs->w, jobs->cw, p->rows, p->cols, p->pt, p->pl, jobs->xp, row, row + 1);
+    fuse_packed(jobs, row, 0);
 }
 
 static void place_one(Jobs *jobs, int64_t row) {
     place_bits_rows(jobs->bits, jobs->h_in, jobs->w_in, jobs->cw, jobs->pool, jobs->conv.plan, jobs->xp, row,
                     row + 1);
+    fuse_packed(jobs, row, 0);
 }
 
 #define CHUNKS 16 /* multibit.CHUNKS */
@@ -323,6 +344,7 @@ static void levels_one(Jobs *jobs, int64_t job) { /* multibit.pack_levels: one r
     int64_t plane_words = cv->n * cv->plan->rows * jobs->cw * cv->plan->cols;
     jobs->partial[job] = pack_levels_row(jobs->x, jobs->c, jobs->h, jobs->w, jobs->scales, cv->n, cv->levels_x,
                                          cv->plan, jobs->cw, plane_words, jobs->xp, job / jobs->h, job % jobs->h);
+    fuse_packed(jobs, job, plane_words);
 }
 
 /* the activation scales and packed planes of a multi-bit layer (multibit.leading_scales, pack_levels) */
