@@ -105,11 +105,12 @@ def test_binarized_cnn_recovers_without_labels(unlabeled, tmp_path):
 
 
 def test_factored_mlp_recovers(unlabeled):
-    """The MLP factored to 5% of its dense params: >= 0.91 held out after fine-tuning (float 0.927, budget
-    allocation alone 0.877)."""
+    """The MLP factored to 5% of its dense params: >= 0.91 held out after fine-tuning with the defaults (float
+    0.927, budget allocation alone 0.877, measured 0.925 in 2 s; 5 epochs at the default lr 0.005 give 0.888, at
+    lr 0.001 >= 0.91: short runs want a lower rate, docs/recovery.md)."""
     _, plain = api.factor(MODELS / "mlp.onnx", budget="params=0.05", data=MODELS / "mlp_test.npz")
     _, tuned = api.factor(MODELS / "mlp.onnx", budget="params=0.05", data=MODELS / "mlp_test.npz",
-                          finetune=unlabeled["mlp"], epochs=5)
+                          finetune=unlabeled["mlp"])
     assert plain.check["score"]["candidate"] < 0.89
     assert tuned.check["score"]["candidate"] >= 0.91
 
