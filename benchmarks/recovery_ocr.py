@@ -3,7 +3,8 @@
 rendered inputs. Fine-tuning and calibration read their own rendered set; every figure is on a held-out set rendered
 from other random strings (another seed), never used for either.
 
-    python benchmarks/recovery_ocr.py [--cache DIR] [--train 2000] [--steps 1000] [--max-time 1200] [--only rec|det]
+    python benchmarks/recovery_ocr.py [--cache DIR] [--train 2000] [--steps 1000] [--max-time 1200] [--batch-size 8]
+                                      [--only rec|det]
 
 rec: the share of held-out lines whose greedy CTC decoding equals the float model's (goal >= 95%).
 det: the IoU of the text masks (probability > 0.3) with the float model's on held-out pages (goal >= 0.9).
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--max-time", type=float, default=1200)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch-size", type=int, default=8, help="fine-tune batch (64 lines of 48x320: ~10 s a step)")
+    parser.add_argument("--holdout", type=float, default=0.05)
     parser.add_argument("--only", choices=["rec", "det"])
     args = parser.parse_args()
     folders = fetch(args.cache)
@@ -112,7 +115,8 @@ def main() -> None:
             np.savez(Path(tmp) / "train.npz", x=train)
             np.savez(Path(tmp) / "calib.npz", x=calib)
             reference = run(path, held, "x")
-            tune = {"steps": args.steps, "max_time": args.max_time, **({"lr": args.lr} if args.lr else {})}
+            tune = {"steps": args.steps, "max_time": args.max_time, "batch_size": args.batch_size,
+                    "holdout": args.holdout, **({"lr": args.lr} if args.lr else {})}
             for command, options in commands:
                 if command == "binarize":
                     options = {"skip": [stem(onnx.load(str(path)))]}

@@ -367,8 +367,13 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 def _conv(n, x, w, b=None):
     kernel = list(w.shape[2:])
     strides, dilations = n.get("strides", [1] * len(kernel)), n.get("dilations", [1] * len(kernel))
-    x = F.pad(x, _torch_pad(_same_pads(n, x, kernel, strides, dilations)))
-    return _CONV[len(kernel)](x, w, b, stride=strides, dilation=dilations, groups=n.get("group", 1))
+    pads = _same_pads(n, x, kernel, strides, dilations)
+    rank = len(kernel)
+    if pads[:rank] == pads[rank:]:  # symmetric: the conv pads itself (a separate F.pad copies the whole input)
+        return _CONV[rank](x, w, b, stride=strides, padding=list(pads[:rank]), dilation=dilations,
+                           groups=n.get("group", 1))
+    x = F.pad(x, _torch_pad(pads))
+    return _CONV[rank](x, w, b, stride=strides, dilation=dilations, groups=n.get("group", 1))
 
 
 @op("ConvTranspose")
