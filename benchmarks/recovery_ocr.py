@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tune batch (64 lines of 48x320: ~10 s a step)")
     parser.add_argument("--holdout", type=float, default=0.05)
     parser.add_argument("--only", choices=["rec", "det"])
+    parser.add_argument("--no-binarize", action="store_true", help="only the factor (rec) and prune (det) rows")
     args = parser.parse_args()
     folders = fetch(args.cache)
     cases = [("rec", "ppocr_rec", random_lines, rec_score, [("factor", {"budget": "params=0.5"}),
@@ -118,6 +119,8 @@ def main() -> None:
             tune = {"steps": args.steps, "max_time": args.max_time, "batch_size": args.batch_size,
                     "holdout": args.holdout, **({"lr": args.lr} if args.lr else {})}
             for command, options in commands:
+                if command == "binarize" and args.no_binarize:
+                    continue
                 if command == "binarize":
                     options = {"skip": [stem(onnx.load(str(path)))]}
                 for label, extra in (("no recovery", {}), ("calibration", {"calibration": Path(tmp) / "calib.npz"}),
