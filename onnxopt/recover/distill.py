@@ -44,6 +44,10 @@ from ..runtime.guard import graph_inputs
 TEACHER_CACHE_BYTES = 2 << 30
 EVALUATIONS = 20  # held-out scores per run
 PATIENCE = 5  # scores without a new best before training stops
+# a rate too high for the model makes the held-out loss climb from the first score (PP-OCR rec at lr 0.005: 2.6 →
+# 7-12, where lr 0.0003 took it to 1.4 in 60 steps): that many scores in a row above DIVERGED x the loss before
+# training, with no better one yet, restart from the starting weights at a tenth of the rate, at most BACKOFFS times
+DIVERGED, BACKOFF_SCORES, BACKOFFS = 1.5, 2, 2
 
 
 class _Tick:
@@ -104,7 +108,8 @@ def finetune(teacher: onnx.ModelProto, student: onnx.ModelProto, options, *, lab
         "distill": loss_fn.mode, "matched_tensors": len(taps),
         "labels": truth is not None, "trained_tensors": len(trainable),
         "trained_params": int(sum(p.numel() for p in module.weights)), "seconds": time.perf_counter() - start,
-        "batch_size": options.batch_size, "lr": options.lr, "temperature": options.temperature,
+        "batch_size": options.batch_size, "lr": run["lr"], "lr_backoffs": run["backoffs"],
+        "temperature": options.temperature,
         "loss": " + ".join(loss_fn.describe() + (["cross-entropy"] if truth is not None else [])),
     }
 
@@ -318,22 +323,33 @@ class _Data:
 def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, before: float,
            start: float) -> dict:
     """Adam over `options.total_steps` steps (warm-up, cosine); the held-out loss every 5% of the steps picks
-    the best weights and stops the run early; --max-time stops it too."""
+    the best weights and stops the run early; --max-time stops it too. A run that diverges from the start is
+    restarted at a tenth of the rate (DIVERGED); the steps it used count."""
     import torch
 
     module, bs = data.module, options.batch_size
     per_epoch = math.ceil(len(train) / bs)
     steps = options.total_steps(per_epoch)
-    warmup = max(1, steps // 20)
-    optimizer = torch.optim.Adam(module.parameters(), lr=options.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (i + 1) / warmup if i < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(steps - warmup, 1))))
+    lr = options.lr
+    initial = module.trained_values()
+
+    def fresh_optimizer(rate: float, first_step: int):
+        optimizer = torch.optim.Adam(module.parameters(), lr=rate)
+        remaining = max(steps - first_step, 1)
+        ramp = max(1, remaining // 20)
+        def factor(i):  # a linear warm-up over 5% of the steps left, then a cosine decay to 0
+            return (i + 1) / ramp if i < ramp else 0.5 * (1 + math.cos(math.pi * (i - ramp) / max(remaining - ramp, 1)))
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    optimizer, schedule = fresh_optimizer(lr, 0)
     every = max(1, steps // EVALUATIONS)
     scored = held if len(held) else train  # without a held-out share, the training loss decides
     rng = np.random.default_rng(options.finetune_seed)
     state = {"steps": steps, "loss": None, "held_out": None}
-    best = {"loss": before, "step": 0, "weights": module.trained_values()}
+    best = {"loss": before, "step": 0, "weights": initial}
     history, order, stale, stopped, running, done = [], np.array([], int), 0, "all steps", 0.0, 0
+    diverged, backoffs = 0, 0
     ticks = [_Tick(state, i + 1) for i in range(steps)]
     for tick in (progress(ticks, "finetune") if progress else ticks):
         if len(order) < bs:  # a new pass over the training samples
@@ -351,20 +367,26 @@ def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, 
         if tick.step % every == 0 or tick.step == steps or out_of_time:
             score = data.mean_loss(scored)
             state["held_out"] = score
-            history.append({"step": tick.step, "loss": running, "held_out": score,
+            history.append({"step": tick.step, "loss": running, "held_out": score, "lr": lr,
                             "seconds": time.perf_counter() - start})
             if score < best["loss"]:
                 best, stale = {"loss": score, "step": tick.step, "weights": module.trained_values()}, 0
             else:
                 stale += 1
+            diverged = diverged + 1 if best["step"] == 0 and score > DIVERGED * before else 0
             if out_of_time:
                 stopped = f"--max-time {options.max_time:g} s"
                 break
+            if diverged >= BACKOFF_SCORES and backoffs < BACKOFFS:
+                lr, backoffs, diverged, stale, running = lr / 10, backoffs + 1, 0, 0, 0.0
+                module.load_values(initial)
+                optimizer, schedule = fresh_optimizer(lr, tick.step)
+                continue
             if stale >= PATIENCE:
                 stopped = f"early: no better held-out loss in {PATIENCE} scores"
                 break
     return {"best": best["loss"], "best_step": best["step"], "weights": best["weights"], "steps": done,
-            "planned": steps, "stopped": stopped, "history": history}
+            "planned": steps, "stopped": stopped, "history": history, "lr": lr, "backoffs": backoffs}
 
 
 def _write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -577,3 +577,9 @@ class GraphModule(torch.nn.Module):
 
     def trained_values(self) -> dict[str, np.ndarray]:
         return {name: p.detach().numpy().astype(np.float32) for name, p in zip(self.names, self.weights)}
+
+    def load_values(self, values: dict[str, np.ndarray]) -> None:
+        """Set the trained weights back to `values` (trained_values' form)."""
+        with torch.no_grad():
+            for name, p in zip(self.names, self.weights):
+                p.copy_(torch.from_numpy(values[name]))

@@ -289,3 +289,15 @@ def test_token_models_recover_from_rank_0_3():
     assert vit.check["score"]["candidate"] >= 0.88 and vit.finetune["matched_tensors"] > 0
     _, mlp = api.factor(MODELS / "token_mlp.onnx", rank="0.3", data=MODELS / "cnn_test.npz", finetune=data)
     assert mlp.check["score"]["candidate"] >= 0.88
+
+
+@pytest.mark.slow
+def test_a_diverging_run_restarts_at_a_tenth_of_the_rate():
+    """A rate far too high makes the held-out loss climb from the first score: the run restarts from the starting
+    weights at a tenth of the rate (at most twice), ends better than it began, and reports the rate it used."""
+    with np.load(MODELS / "cnn_train.npz") as d:
+        data = {"input": d["input"][:512]}
+    _, report = api.factor(MODELS / "token_mlp.onnx", rank="0.3", finetune=data, steps=200, lr=0.5)
+    tune = report.finetune
+    assert tune["lr_backoffs"] >= 1 and tune["lr"] == pytest.approx(0.5 / 10 ** tune["lr_backoffs"])
+    assert tune["kept"] and tune["loss_after"] < tune["loss_before"]
