@@ -320,29 +320,32 @@ class _Data:
         return total / max(len(index), 1)
 
 
+def _optimizer(module, rate: float, steps: int):
+    """Adam at `rate` with a linear warm-up over 5% of `steps`, then a cosine decay to 0."""
+    import torch
+
+    optimizer = torch.optim.Adam(module.parameters(), lr=rate)
+    steps = max(steps, 1)
+    ramp = max(1, steps // 20)
+
+    def factor(i):
+        return (i + 1) / ramp if i < ramp else 0.5 * (1 + math.cos(math.pi * (i - ramp) / max(steps - ramp, 1)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, before: float,
            start: float) -> dict:
     """Adam over `options.total_steps` steps (warm-up, cosine); the held-out loss every 5% of the steps picks
     the best weights and stops the run early; --max-time stops it too. A run that diverges from the start is
     restarted at a tenth of the rate (DIVERGED); the steps it used count."""
-    import torch
-
     module, bs = data.module, options.batch_size
     per_epoch = math.ceil(len(train) / bs)
     steps = options.total_steps(per_epoch)
     lr = options.lr
     initial = module.trained_values()
 
-    def fresh_optimizer(rate: float, first_step: int):
-        optimizer = torch.optim.Adam(module.parameters(), lr=rate)
-        remaining = max(steps - first_step, 1)
-        ramp = max(1, remaining // 20)
-        def factor(i):  # a linear warm-up over 5% of the steps left, then a cosine decay to 0
-            return (i + 1) / ramp if i < ramp else 0.5 * (1 + math.cos(math.pi * (i - ramp) / max(remaining - ramp, 1)))
-
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-    optimizer, schedule = fresh_optimizer(lr, 0)
+    optimizer, schedule = _optimizer(module, lr, steps)
     every = max(1, steps // EVALUATIONS)
     scored = held if len(held) else train  # without a held-out share, the training loss decides
     rng = np.random.default_rng(options.finetune_seed)
@@ -380,7 +383,7 @@ def _train(data: _Data, train: np.ndarray, held: np.ndarray, options, progress, 
             if diverged >= BACKOFF_SCORES and backoffs < BACKOFFS:
                 lr, backoffs, diverged, stale, running = lr / 10, backoffs + 1, 0, 0, 0.0
                 module.load_values(initial)
-                optimizer, schedule = fresh_optimizer(lr, tick.step)
+                optimizer, schedule = _optimizer(module, lr, steps - tick.step)
                 continue
             if stale >= PATIENCE:
                 stopped = f"early: no better held-out loss in {PATIENCE} scores"
