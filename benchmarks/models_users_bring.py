@@ -204,18 +204,30 @@ def outputs(model, feeds) -> list[list[np.ndarray]]:
     return [session.run(None, f) for f in feeds]
 
 
+def ctc_decode(probabilities: np.ndarray) -> list[tuple]:
+    """Greedy CTC (PP-OCR rec): the best class per step, repeats merged, blanks (0) dropped."""
+    ids = probabilities.argmax(-1)
+    return [tuple(int(c) for j, c in enumerate(row) if c != 0 and (j == 0 or c != row[j - 1])) for row in ids]
+
+
+def lines_read_the_same(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([x == y for x, y in zip(ctc_decode(a), ctc_decode(b))]))
+
+
+def text_mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of PP-OCR det's text masks (probability > 0.3)."""
+    ma, mb = a > 0.3, b > 0.3
+    return float((ma & mb).sum() / max((ma | mb).sum(), 1))
+
+
 def agreement(name: str, before, after) -> str:
     a, b = before[0][0], after[0][0]
     if name == "ppocr_cls":
         return f"direction same {np.mean(a.argmax(-1) == b.argmax(-1)):.0%}"
     if name == "ppocr_rec":
-        def decode(p):
-            ids = p.argmax(-1)
-            return [tuple(int(c) for j, c in enumerate(row) if c != 0 and (j == 0 or c != row[j - 1])) for row in ids]
-        return f"lines read the same {np.mean([x == y for x, y in zip(decode(a), decode(b))]):.0%}"
+        return f"lines read the same {lines_read_the_same(a, b):.0%}"
     if name == "ppocr_det":
-        ma, mb = a > 0.3, b > 0.3
-        return f"text-mask IoU {(ma & mb).sum() / max((ma | mb).sum(), 1):.3f}"
+        return f"text-mask IoU {text_mask_iou(a, b):.3f}"
     if name.startswith(("resnet", "minilm")):
         cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
         return f"{'embedding' if name.startswith('minilm') else 'logits'} cosine {cos.mean():.3f}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from models_users_bring import fetch, model_path, stem
+from models_users_bring import fetch, lines_read_the_same, model_path, stem, text_mask_iou
 
 import onnxopt
 from onnxopt import api
@@ -69,25 +69,17 @@ def random_pages(n: int, seed: int, height: int = 320, width: int = 320) -> np.n
     return x.transpose(0, 3, 1, 2).astype(np.float32)
 
 
-def decode(probabilities: np.ndarray) -> list[tuple]:
-    """Greedy CTC: the best class per step, repeats merged, blanks (0) dropped."""
-    ids = probabilities.argmax(-1)
-    return [tuple(int(c) for j, c in enumerate(row) if c != 0 and (j == 0 or c != row[j - 1])) for row in ids]
-
-
 def run(model, x: np.ndarray, name: str, batch: int = 32) -> np.ndarray:
     session = onnxopt.session(model)
     return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def rec_score(reference: np.ndarray, candidate: np.ndarray) -> str:
-    same = np.mean([a == b for a, b in zip(decode(reference), decode(candidate))])
-    return f"{same:.1%} of lines read the same"
+    return f"{lines_read_the_same(reference, candidate):.1%} of lines read the same"
 
 
 def det_score(reference: np.ndarray, candidate: np.ndarray) -> str:
-    a, b = reference > 0.3, candidate > 0.3
-    return f"text-mask IoU {(a & b).sum() / max((a | b).sum(), 1):.3f}"
+    return f"text-mask IoU {text_mask_iou(reference, candidate):.3f}"
 
 
 def main() -> None:

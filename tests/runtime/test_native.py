@@ -159,7 +159,8 @@ def test_bad_input_is_an_error_not_a_crash(library):
     sess = _session(lowered, library)
     for x, text in ((np.ones((1, 7, 6, 6), np.float32), "input channels do not match"),
                     (np.ones((1, 8, 2, 2), np.float32), "smaller than the kernel's span"),
-                    (np.ones((1, 8, 6), np.float32), "input rank")):
+                    (np.ones((1, 8, 6), np.float32), "input rank"),
+                    (np.array(1.0, np.float32), "input rank")):  # rank 0: no dim may be read
         with pytest.raises(Exception, match=text):
             sess.run(None, {"X": x})
     assert sess.run(None, {"X": np.ones((1, 8, 6, 6), np.float32)})[0].shape == (1, 4, 4, 4)

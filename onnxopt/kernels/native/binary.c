@@ -554,8 +554,7 @@ static int64_t tiles_of(const Conv *cv) { return (cv->plan->ow + TILE_PIXELS - 1
 
 size_t job_scratch_bytes(const Conv *cv) {
     size_t sums = sizeof(int32_t) * GROUP_CHANNELS * (size_t)(tiles_of(cv) * TILE_PIXELS);
-    size_t acc = cv->weights->levels_w > 1 || cv->levels_x > 1 || cv->scales
-                     ? sizeof(float) * 2 * GROUP_CHANNELS * (size_t)cv->plan->ow : 0;
+    size_t acc = cv->scales ? sizeof(float) * 2 * GROUP_CHANNELS * (size_t)cv->plan->ow : 0; /* multi-bit rows */
     return sums + acc;
 }
 

@@ -217,7 +217,7 @@ static int make_layer(int op, const Tensor *in, Layer **out) {
     wt->kh = w->dims[0], wt->kw = w->dims[1], wt->cw = w->dims[2], wt->columns = w->dims[3];
     wt->o = o, wt->levels_w = levels, wt->wp = layer->wp, wt->channels = g[G_CHANNELS], wt->dw = g[G_DW];
     tap_popcounts(wt);
-    if (fusable(wt, g[G_CHANNELS]) && getenv("ONNXOPT_NATIVE_NO_FUSE") == NULL) {
+    if (fusable(wt, g[G_CHANNELS])) {
         layer->fused = malloc(sizeof(uint64_t) * (size_t)(wt->kh * wt->columns));
         if (!layer->fused) {
             free_layer(layer);
@@ -452,21 +452,24 @@ static OrtStatus *convolve(Node *node, void *context, Tensor *in) {
     int op = node->op, chained = op == PACKED_BIT_CONV || op == PACKED_BIT_CONV_SIGNS;
     Layer *layer = node->layer;
     int code = OK;
-    if (!layer && (code = make_layer(op, in, &layer))) return problem(code);
+    if (!layer) { /* weights that are not initializers: validated and prepared per call */
+        count_allocation();
+        if ((code = make_layer(op, in, &layer))) return problem(code);
+    }
     const int64_t *g = layer->geometry;
     const Tensor *x = &in[0];
-    int64_t n, c = g[G_CHANNELS], h, w, h_in = 0, w_in = 0;
+    int64_t n = 0, c = g[G_CHANNELS], h = 0, w = 0, h_in = 0, w_in = 0;
     if (chained) {
         if (x->type != TYPE_UINT64 || x->rank != 4 || x->dims[2] != (c + 63) / 64) code = BAD_PACKED;
-        n = x->dims[0], h_in = x->dims[1], w_in = x->dims[3];
+        if (!code) n = x->dims[0], h_in = x->dims[1], w_in = x->dims[3];
         if (!code && (h_in < 1 || w_in < 1)) code = EMPTY_INPUT;
         if (!code) pooled_shape(h_in, w_in, layer->pool, &h, &w);
         if (!code && (h < 1 || w < 1)) code = NO_OUTPUT;
     } else {
         if (x->type != TYPE_FLOAT) code = BAD_TYPE;
-        else if (x->rank != g[G_RANK] + 2) code = BAD_RANK;
-        n = x->dims[0], h = x->rank == 3 ? 1 : x->dims[2], w = x->dims[x->rank - 1];
-        if (!code && x->dims[1] != c) code = BAD_CHANNELS;
+        else if (x->rank != g[G_RANK] + 2) code = BAD_RANK; /* checked before any dim is read */
+        else if (x->dims[1] != c) code = BAD_CHANNELS;
+        if (!code) n = x->dims[0], h = x->rank == 3 ? 1 : x->dims[2], w = x->dims[x->rank - 1];
         if (!code && (h < 1 || w < 1)) code = EMPTY_INPUT;
     }
     const Weights *wt = &layer->weights;
