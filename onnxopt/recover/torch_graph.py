@@ -397,9 +397,10 @@ def _pool(n, x):
     ceil = bool(n.get("ceil_mode", 0))
     if n.proto.op_type == "MaxPool":
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[rank]
-        return fn(F.pad(x, pads, value=-math.inf), kernel, strides, dilation=dilations, ceil_mode=ceil)
+        x = F.pad(x, pads, value=-math.inf) if any(pads) else x  # F.pad copies even when it pads nothing
+        return fn(x, kernel, strides, dilation=dilations, ceil_mode=ceil)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[rank]
-    y = fn(F.pad(x, pads), kernel, strides, ceil_mode=ceil, count_include_pad=True)
+    y = fn(F.pad(x, pads) if any(pads) else x, kernel, strides, ceil_mode=ceil, count_include_pad=True)
     if any(pads) and not n.get("count_include_pad", 0):  # divide by the taps inside the input instead
         y = y / fn(F.pad(torch.ones_like(x[:1, :1]), pads), kernel, strides, ceil_mode=ceil, count_include_pad=True)
     return y
@@ -512,8 +513,12 @@ def _padded_conv(x, w, alpha, bias, geometry):
     pt, pl, oh, ow = g.resolve(h, wd, kh, kw)
     span_h = (oh - 1) * g.strides[0] + (kh - 1) * g.dilations[0] + 1
     span_w = (ow - 1) * g.strides[1] + (kw - 1) * g.dilations[1] + 1
-    xb = F.pad(x4, (pl, max(span_w - wd - pl, 0), pt, max(span_h - h - pt, 0)))
-    y = F.conv2d(xb, w4, None, stride=g.strides, dilation=g.dilations)[:, :, :oh, :ow]
+    pr, pb = max(span_w - wd - pl, 0), max(span_h - h - pt, 0)
+    if (pr, pb) == (pl, pt):  # symmetric: the conv pads itself (zeros, as F.pad would) without copying the input
+        y = F.conv2d(x4, w4, None, stride=g.strides, padding=(pt, pl), dilation=g.dilations)[:, :, :oh, :ow]
+    else:
+        xb = F.pad(x4, (pl, pr, pt, pb))
+        y = F.conv2d(xb, w4, None, stride=g.strides, dilation=g.dilations)[:, :, :oh, :ow]
     y = y * alpha.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     return y[:, :, 0, :] if one_d else y
 
