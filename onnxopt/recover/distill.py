@@ -105,7 +105,7 @@ def finetune(teacher: onnx.ModelProto, student: onnx.ModelProto, options, *, lab
         "steps": run["steps"], "planned_steps": run["planned"], "stopped": run["stopped"],
         "best_step": run["best_step"], "history": run["history"],
         "loss_before": before, "loss_after": after,
-        "distill": loss_fn.mode, "matched_tensors": len(taps),
+        "distill": loss_fn.mode, "matched_tensors": len(taps), "teacher_cached": targets.cache is not None,
         "labels": truth is not None, "trained_tensors": len(trainable),
         "trained_params": int(sum(p.numel() for p in module.weights)), "seconds": time.perf_counter() - start,
         "batch_size": options.batch_size, "lr": run["lr"], "lr_backoffs": run["backoffs"],
