@@ -13,7 +13,8 @@ layer by layer, the tensors its changed layers compute.
   mean square) per tensor, their mean added to the output loss. A loss that only sees the last layer has to
   find every layer's correction through the whole network; this one gives each layer its own target.
 - Loss per float output: class scores (samples × classes) → KL(softmax(t/T) ‖ softmax(s/T))·T² (Hinton et al.;
-  outputs that already are probabilities are compared as they are); any other output (sentence embeddings,
+  outputs that already are probabilities, per sample or per position as a CTC recognizer's, through their
+  logarithms, KL averaged over the positions); any other output (sentence embeddings,
   hidden states, detector maps) → normalized MSE plus (1 − cosine) along its last axis. With labels, plus
   cross-entropy on the first class-score output.
 - A schedule in optimizer steps (default 1000, whatever the data size; or --epochs passes): Adam, a linear
@@ -218,11 +219,11 @@ class _Teacher:
         for o in self.first:
             if not np.issubdtype(o.dtype, np.floating):
                 kinds.append("skip")
+            elif o.ndim >= 2 and o.shape[-1] >= 2 and o.min() >= 0 and np.allclose(o.sum(-1), 1, atol=1e-3):
+                kinds.append("probabilities")  # per sample, or per position (a CTC recognizer's characters)
             elif o.ndim == 2 and o.shape[1] >= 2:
-                rows = o.sum(1)
                 unit = np.allclose(np.linalg.norm(o, axis=1), 1, atol=1e-3)  # a normalized embedding
-                kinds.append("probabilities" if o.min() >= 0 and np.allclose(rows, 1, atol=1e-3)
-                             else "values" if unit else "logits")
+                kinds.append("values" if unit else "logits")
             else:
                 kinds.append("values")
         return kinds
@@ -252,7 +253,8 @@ class _DistillationLoss:
         self.kinds, self.t, self.outputs, self.mode = kinds[:outputs], temperature, outputs, mode
 
     def describe(self) -> list[str]:
-        names = {"logits": f"KL(T={self.t:g})", "probabilities": "KL", "values": "normalized MSE + cosine"}
+        kl = f"KL(T={self.t:g})"
+        names = {"logits": kl, "probabilities": kl, "values": "normalized MSE + cosine"}
         parts = sorted({names[k] for k in self.kinds if k in names}) if self.mode != "layers" else []
         return parts + (["layer-wise normalized MSE"] if self.mode != "outputs" else [])
 
@@ -264,11 +266,8 @@ class _DistillationLoss:
         if self.mode != "layers":
             for kind, s, t in zip(self.kinds, student, teacher):
                 t = torch.from_numpy(np.asarray(t))
-                if kind == "logits":
-                    total = total + F.kl_div(F.log_softmax(s / self.t, 1), F.log_softmax(t / self.t, 1),
-                                             reduction="batchmean", log_target=True) * self.t ** 2
-                elif kind == "probabilities":
-                    total = total + F.kl_div(torch.log(s.clamp_min(1e-8)), t, reduction="batchmean")
+                if kind in ("logits", "probabilities"):
+                    total = total + self._soft_kl(s, t, kind == "probabilities")
                 elif kind == "values":
                     total = total + _normalized_mse(s, t)
                     if s.ndim >= 1 and s.shape[-1] > 1:
@@ -279,11 +278,27 @@ class _DistillationLoss:
             if layers:
                 total = total + sum(layers) / len(layers)
         if truth is not None:
-            first = next(i for i, k in enumerate(self.kinds) if k in ("logits", "probabilities"))
+            first = next((i for i, (k, s) in enumerate(zip(self.kinds, student))
+                          if k in ("logits", "probabilities") and s.dim() == 2), None)
+            if first is None:
+                raise OnnxoptError("--labels needs a class-score output (samples × classes); this model has none")
             scores = student[first]
             scores = torch.log(scores.clamp_min(1e-8)) if self.kinds[first] == "probabilities" else scores
             total = total + F.cross_entropy(scores, truth)
         return total
+
+
+    def _soft_kl(self, s, t, probabilities: bool):
+        """KL(softmax(t/T) ‖ softmax(s/T))·T² per row of the last axis (a sample's, or a position's class scores),
+        averaged over rows; probabilities are softened through their logarithms (the logits up to a constant)."""
+        import torch
+        import torch.nn.functional as F
+
+        if probabilities:  # the greedy decoding of a CTC recognizer follows the argmax at every position
+            s, t = torch.log(s.clamp_min(1e-8)), torch.log(t.clamp_min(1e-8))
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        return F.kl_div(F.log_softmax(s / self.t, 1), F.log_softmax(t / self.t, 1), reduction="batchmean",
+                        log_target=True) * self.t ** 2
 
 
 def _normalized_mse(s, t):

@@ -276,6 +276,30 @@ def test_steps_schedule_holdout_and_time_limit(unlabeled):
         api.factor(MODELS / "mlp.onnx", rank="0.1", finetune=data, distill="all")
 
 
+def test_per_position_probabilities_are_distilled_by_kl():
+    """A CTC recognizer's (or token classifier's) output, softmax over the last axis of (samples, positions,
+    classes), is matched by KL per position (softened by T through the logarithms), not by MSE on the
+    probabilities, where a position's argmax barely moves the loss. Checked against KL in numpy."""
+    from onnxopt.recover.distill import _DistillationLoss, _Teacher
+
+    rng = np.random.default_rng(0)
+    t = rng.dirichlet(np.full(7, 0.3), size=(4, 5)).astype(np.float32)
+    s = rng.dirichlet(np.full(7, 0.3), size=(4, 5)).astype(np.float32)
+    teacher = _Teacher.__new__(_Teacher)
+    teacher.first = [t, rng.normal(size=(4, 5, 7)).astype(np.float32)]
+    assert teacher.output_kinds() == ["probabilities", "values"]
+    loss = _DistillationLoss(["probabilities"], 2.0, 1, "outputs")
+    got = float(loss([torch.from_numpy(s)], [t]))
+
+    def soft(p):  # softmax(log p / T) along the last axis
+        q = np.exp(np.log(np.maximum(p, 1e-8)) / 2)
+        return q / q.sum(-1, keepdims=True)
+
+    pt, ps = soft(t.astype(np.float64)), soft(s.astype(np.float64))
+    want = (pt * (np.log(pt) - np.log(ps))).sum(-1).mean() * 4
+    assert got == pytest.approx(want, rel=1e-4) and "KL(T=2)" in loss.describe()
+
+
 @pytest.mark.parametrize("command, options", [("factor", {"rank": "0.1"}),
                                                ("prune", {"keep": 0.5, "skip": ["first_conv", "conv3"]})])
 def test_a_teacher_too_big_to_cache_is_recomputed_with_the_same_result(monkeypatch, command, options):
