@@ -4,7 +4,8 @@ rendered inputs. Fine-tuning and calibration read their own rendered set; every 
 from other random strings (another seed), never used for either.
 
     python benchmarks/recovery_ocr.py [--cache DIR] [--train 2000] [--steps 1000] [--max-time 1200] [--batch-size 8]
-                                      [--only rec|det]
+                                      [--only rec|det] [--only-finetune] [--no-binarize]
+                                      [--distill outputs|layers|both] [--lr X]
 
 rec: the share of held-out lines whose greedy CTC decoding equals the float model's (goal >= 95%).
 det: the IoU of the text masks (probability > 0.3) with the float model's on held-out pages (goal >= 0.9).
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tune batch (64 lines of 48x320: ~10 s a step)")
     parser.add_argument("--holdout", type=float, default=0.05)
     parser.add_argument("--only", choices=["rec", "det"])
+    parser.add_argument("--distill", choices=["outputs", "layers", "both"], default="both")
+    parser.add_argument("--only-finetune", action="store_true", help="skip the no-recovery and calibration rows")
     parser.add_argument("--no-binarize", action="store_true", help="only the factor (rec) and prune (det) rows")
     args = parser.parse_args()
     folders = fetch(args.cache)
@@ -109,7 +112,7 @@ def main() -> None:
             np.savez(Path(tmp) / "calib.npz", x=calib)
             reference = run(path, held, "x")
             tune = {"steps": args.steps, "max_time": args.max_time, "batch_size": args.batch_size,
-                    "holdout": args.holdout, **({"lr": args.lr} if args.lr else {})}
+                    "holdout": args.holdout, "distill": args.distill, **({"lr": args.lr} if args.lr else {})}
             for command, options in commands:
                 if command == "binarize" and args.no_binarize:
                     continue
@@ -117,7 +120,8 @@ def main() -> None:
                     options = {"skip": [stem(onnx.load(str(path)))]}
                 for label, extra in (("no recovery", {}), ("calibration", {"calibration": Path(tmp) / "calib.npz"}),
                                      ("fine-tune", {"finetune": Path(tmp) / "train.npz", **tune})):
-                    if command == "prune" and label == "calibration":
+                    if (command == "prune" and label == "calibration") or (args.only_finetune
+                                                                            and label != "fine-tune"):
                         continue  # prune has no calibration refit
                     start = time.perf_counter()
                     try:
@@ -127,8 +131,10 @@ def main() -> None:
                         continue
                     took = time.perf_counter() - start
                     ft = getattr(report, "finetune", None) or {}
+                    how = (f", {ft['steps']} steps ({ft['stopped']}), lr {ft['lr']:g}, held-out loss "
+                           f"{ft['loss_before']:.4f} -> {ft['loss_after']:.4f}, {ft['loss']}" if ft else "")
                     print(f"{name} {command} {options} {label}: {score(reference, run(model, held, 'x'))} "
-                          f"({took:.0f} s{', ' + str(ft.get('steps')) + ' steps' if ft else ''})", flush=True)
+                          f"({took:.0f} s{how})", flush=True)
 
 
 if __name__ == "__main__":
