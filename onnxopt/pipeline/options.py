@@ -193,7 +193,8 @@ class FinetuneOptions:
                                  metavar="outputs|layers|both")
     holdout: float | None = option(help="Share of the --finetune samples held out of training: the loss on them "
                                         "picks the best weights, stops training early when it stops falling, and "
-                                        "decides whether the result is kept (default 0.1; 0: the training loss).",
+                                        "decides whether the result is kept (default 0.1; 0: the training loss; at "
+                                        "most 512 samples are scored).",
                                    metavar="F", kind=float)
     max_time: float | None = option(help="Stop training after SECONDS (the best weights so far are kept).",
                                     metavar="SECONDS", kind=float)
