@@ -332,8 +332,8 @@ def test_token_models_recover_from_rank_0_3():
     digits, the defaults (1000 steps, layer-wise, lr 0.005, T 2): tiny_vit (two transformer blocks, dynamo export;
     float 0.915, factored 0.572) >= 0.88 (measured 0.916 / 0.917 on two machines); token_mlp (legacy export; float
     0.934, factored 0.539) reaches about 0.88, not with a margin: 0.890 on an Intel Xeon, 0.879 on an AMD Zen 4
-    (0.875-0.888 there over batch 32, 2000 steps, calibration first, lr 0.003), so it is held to 0.87, which an
-    output-only or broken layer-wise loss at the old default (0.659 on a token MLP) misses."""
+    (0.875-0.888 there over batch 32, 2000 steps, calibration first, lr 0.003), so it is held to 0.87, which the
+    old default (3 epochs on the outputs: 0.659 on a token MLP) or a broken training loop misses."""
     with np.load(MODELS / "cnn_train.npz") as d:
         data = {"input": d["input"][:2000]}
     _, vit = api.factor(MODELS / "tiny_vit.onnx", rank="0.3", data=MODELS / "cnn_test.npz", finetune=data)
