@@ -301,7 +301,6 @@ class _DistillationLoss:
             total = total + F.cross_entropy(scores, truth)
         return total
 
-
     def _soft_kl(self, s, t, probabilities: bool):
         """KL(softmax(t/T) ‖ softmax(s/T))·T² per row of the last axis (a sample's, or a position's class scores),
         averaged over rows; probabilities are softened through their logarithms (the logits up to a constant)."""
