@@ -37,9 +37,10 @@ def weights(model: onnx.ModelProto) -> int:
     return total
 
 
-def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: int = 1000) -> list[Path]:
+def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: int = 1000,
+                     exporters: tuple[str, ...] = ("legacy", "dynamo"), dynamic_batch: bool = False) -> list[Path]:
     """torchvision's resnet18 layout and module names (models/reference_nets.py), `width` channels in the first
-    stage, exported by both exporters."""
+    stage, exported by these exporters (batch 1, or a dynamic batch from the legacy one)."""
     import sys
 
     import torch
@@ -51,10 +52,12 @@ def resnet18_exports(folder: Path, width: int = 64, size: int = 224, classes: in
     model = ResNet18(width, classes).eval()
     x = torch.randn(1, 3, size, size)
     paths = []
-    for dynamo in (False, True):
-        path = folder / f"resnet18_{'dynamo' if dynamo else 'legacy'}.onnx"
+    for exporter in exporters:
+        dynamo = exporter == "dynamo"
+        path = folder / f"resnet18_{exporter}.onnx"
+        legacy = {"opset_version": 17, **({"dynamic_axes": {"input": {0: "batch"}}} if dynamic_batch else {})}
         torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["input"], output_names=["logits"],
-                          **({"external_data": False} if dynamo else {"opset_version": 17}))
+                          **({"external_data": False} if dynamo else legacy))
         paths.append(path)
     return paths
 

@@ -7,7 +7,7 @@ held-out digits of models/*_test.npz (top-1 accuracy), never seen by either.
     git worktree add /tmp/old 6ca2580 && python benchmarks/recovery.py --short --baseline /tmp/old  # vs old default
 
 The fine-tune columns use the defaults (1000 steps, warm-up + cosine, 10% held out of the fine-tune data for early
-stopping) unless --lr/--temperature are given.
+stopping) unless --lr/--temperature/--steps are given.
 """
 from __future__ import annotations
 

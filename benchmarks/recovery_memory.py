@@ -17,23 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from common import isa_label
+from real_models import resnet18_exports
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onnxopt import api  # noqa: E402
-
-
-def resnet18_export(path: Path) -> Path:
-    """models/reference_nets.py's ResNet18 (torchvision's layout), seeded weights, batch dynamic (legacy exporter)."""
-    import torch
-
-    from models.reference_nets import ResNet18
-
-    torch.manual_seed(0)
-    torch.onnx.export(ResNet18(64, 1000).eval(), (torch.randn(1, 3, 224, 224),), str(path), dynamo=False,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}},
-                      opset_version=17)
-    return path
 
 
 def main() -> None:
@@ -43,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = resnet18_export(Path(tmp) / "resnet18.onnx")
+        path = resnet18_exports(Path(tmp), exporters=("legacy",), dynamic_batch=True)[0]
         stem = next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
         # smooth random images (noise blurred by a 4x4 block upsampling), ImageNet-normalized scale
         rng = np.random.default_rng(0)

@@ -120,9 +120,10 @@ def main() -> None:
                     options = {"skip": [stem(onnx.load(str(path)))]}
                 for label, extra in (("no recovery", {}), ("calibration", {"calibration": Path(tmp) / "calib.npz"}),
                                      ("fine-tune", {"finetune": Path(tmp) / "train.npz", **tune})):
-                    if (command == "prune" and label == "calibration") or (args.only_finetune
-                                                                            and label != "fine-tune"):
+                    if command == "prune" and label == "calibration":
                         continue  # prune has no calibration refit
+                    if args.only_finetune and label != "fine-tune":
+                        continue
                     start = time.perf_counter()
                     try:
                         model, report = getattr(api, command)(str(path), **options, **extra)
